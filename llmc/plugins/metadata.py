@@ -1,0 +1,62 @@
+"""Attention metadata: what one flat-batch forward needs to find each token's context in the paged cache.
+
+The execution contract (DESIGN.md): a forward takes T tokens from S sequences laid end to end, no padding
+to the longest. Sequence ``i`` owns query rows ``query_start_loc[i]:query_start_loc[i+1]``; those are its
+*last* ``q_len`` positions, so its context is ``seq_lens[i]`` tokens of which the first
+``seq_lens[i] - q_len`` are already cached. The cache of each layer is a pool of blocks shaped
+``[num_blocks, block_size, num_kv_heads, head_dim]``; token ``t`` of sequence ``i`` lives at block
+``block_tables[i, t // block_size]``, row ``t % block_size``; ``slot_mapping`` gives the flat slot
+(``block * block_size + row``) where each new token's K/V are written, -1 for padding rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # int64 [T]
+    query_start_loc: torch.Tensor  # int32 [S + 1]
+    seq_lens: torch.Tensor  # int32 [S]
+    block_tables: torch.Tensor  # int32 [S, max_blocks_per_seq], unused entries 0
+    max_query_len: int
+    max_seq_len: int
+    # Host copies: the CPU reference loops over sequences with these (no device->host syncs on GPU).
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+    @classmethod
+    def build(cls, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
+              block_size: int, device: torch.device | str = "cpu") -> "AttentionMetadata":
+        """Metadata for sequences whose last ``query_lens[i]`` of ``seq_lens[i]`` tokens are new."""
+        qsl = [0]
+        slots: list[int] = []
+        for ql, sl, bt in zip(query_lens, seq_lens, block_tables):
+            qsl.append(qsl[-1] + ql)
+            for pos in range(sl - ql, sl):
+                slots.append(bt[pos // block_size] * block_size + pos % block_size)
+        width = max((len(bt) for bt in block_tables), default=1) or 1
+        table = torch.zeros((len(block_tables), width), dtype=torch.int32)
+        for i, bt in enumerate(block_tables):
+            if bt:
+                table[i, : len(bt)] = torch.tensor(bt, dtype=torch.int32)
+        return cls(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_tables=table.to(device),
+            max_query_len=max(query_lens, default=0),
+            max_seq_len=max(seq_lens, default=0),
+            query_start_loc_cpu=qsl,
+            seq_lens_cpu=list(seq_lens),
+        )

@@ -1,0 +1,60 @@
+"""Kernel dispatch: the model calls these; CUDA tensors go to the fast kernels, CPU tensors to the reference.
+
+Fast kernels register themselves in ``_FAST`` (see ``triton_ops.py``); a kernel that is not registered
+falls back to its reference, so the model always runs.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from llmc.plugins import reference
+
+_FAST: dict[str, Callable] = {}
+_loaded = False
+
+
+def _fast(name: str, t: torch.Tensor) -> Callable | None:
+    global _loaded
+    if not t.is_cuda:
+        return None
+    if not _loaded:
+        _loaded = True
+        try:
+            from llmc.plugins import triton_ops  # noqa: F401  (registers into _FAST)
+        except ImportError:
+            pass
+    return _FAST.get(name)
+
+
+def register(name: str) -> Callable[[Callable], Callable]:
+    def deco(fn: Callable) -> Callable:
+        _FAST[name] = fn
+        return fn
+
+    return deco
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    (_fast("write_kv", k) or reference.write_kv)(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(q, k_cache, v_cache, meta, scale: float) -> torch.Tensor:
+    return (_fast("paged_attention", q) or reference.paged_attention)(q, k_cache, v_cache, meta, scale)
+
+
+def rms_norm(x, weight, eps: float) -> torch.Tensor:
+    return (_fast("rms_norm", x) or reference.rms_norm)(x, weight, eps)
+
+
+def fused_add_rms_norm(x, residual, weight, eps: float):
+    return (_fast("fused_add_rms_norm", x) or reference.fused_add_rms_norm)(x, residual, weight, eps)
+
+
+def silu_and_mul(x) -> torch.Tensor:
+    return (_fast("silu_and_mul", x) or reference.silu_and_mul)(x)
+
+
+def rotary_embedding(positions, q, k, cos_sin_cache):
+    return (_fast("rotary_embedding", q) or reference.rotary_embedding)(positions, q, k, cos_sin_cache)

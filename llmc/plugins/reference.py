@@ -1,0 +1,88 @@
+"""CPU reference implementations of every kernel: plain PyTorch, the source of truth in tests.
+
+Each function here has the exact signature of its fast twin in this package; ``ops.py`` dispatches.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from llmc.plugins.metadata import AttentionMetadata
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Scatter new K/V rows ``[T, Hkv, D]`` into the paged caches at ``slot_mapping`` (-1 = skip)."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention of ``q [T, Hq, D]`` over each sequence's paged context (gathered per sequence).
+
+    Query row j of a sequence with ``q_len`` new tokens and ``seq_len`` context sits at position
+    ``seq_len - q_len + j`` and sees keys at positions ``<=`` that. Computed in float32.
+    """
+    block_size = k_cache.shape[1]
+    num_q_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    out = torch.empty_like(q)
+    qsl = meta.query_start_loc_cpu
+    for i, seq_len in enumerate(meta.seq_lens_cpu):
+        qs, qe = qsl[i], qsl[i + 1]
+        q_len = qe - qs
+        if q_len == 0:
+            continue
+        nblocks = -(-seq_len // block_size)
+        blocks = meta.block_tables[i, :nblocks].long()
+        k = k_cache[blocks].reshape(-1, num_kv_heads, k_cache.shape[3])[:seq_len].float()
+        v = v_cache[blocks].reshape(-1, num_kv_heads, v_cache.shape[3])[:seq_len].float()
+        k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
+        v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+        qi = q[qs:qe].float().transpose(0, 1)  # [Hq, q_len, D]
+        pos_q = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        mask = torch.arange(seq_len, device=q.device)[None, :] <= pos_q[:, None]
+        scores = (qi @ k.transpose(1, 2)) * scale
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out[qs:qe] = (torch.softmax(scores, dim=-1) @ v).transpose(0, 1).to(q.dtype)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * weight.float()).to(x.dtype)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual += x``; returns ``(rms_norm(residual), residual)`` (new tensors, inputs untouched)."""
+    res = (x.float() + residual.float()).to(x.dtype)
+    return rms_norm(res, weight, eps), res
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on a fused gate/up projection ``[..., 2 * I]`` (gate first)."""
+    d = x.shape[-1] // 2
+    return (F.silu(x[..., :d].float()) * x[..., d:].float()).to(x.dtype)
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style (rotate-half) RoPE on ``q [T, Hq, D]``, ``k [T, Hkv, D]``.
+
+    ``cos_sin_cache [max_pos, D]`` holds cos in the first D/2 columns, sin in the last D/2.
+    """
+    cs = cos_sin_cache[positions].float()
+    half = cs.shape[-1] // 2
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+
+    def rot(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        x1, x2 = xf[..., :half], xf[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rot(q), rot(k)

@@ -1,0 +1,79 @@
+"""A sequence: one stream of tokens the engine generates, with the state the scheduler and KV cache track.
+
+A request with ``n > 1`` becomes a group of sequences sharing the prompt's KV blocks (copy-on-write).
+``num_computed_tokens`` counts tokens whose K/V are in the cache; the scheduler advances it as chunks are
+prefilled and decodes run, rolls it back on preemption (to 0) and on rejected speculative tokens.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from llmc.runtime.sampling_params import SamplingParams
+
+_seq_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
+                        SequenceStatus.FINISHED_ABORTED)
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    index: int = 0  # which of the request's n samples this is
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    priority: int = 0  # lower value = served first (vLLM convention)
+    arrival_time: float = field(default_factory=time.monotonic)
+    # Owned by the KV cache manager:
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # hashes of this sequence's full blocks, in order
+    # Speculative tokens proposed for the next step (verified by the target, then cleared).
+    spec_token_ids: list[int] = field(default_factory=list)
+    num_preemptions: int = 0
+    num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache (first schedule)
+    stop_reason: int | str | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    @property
+    def in_prefill(self) -> bool:
+        """True while tokens other than the last sampled one still need their K/V computed."""
+        return self.num_computed_tokens < self.num_tokens - 1
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
