@@ -1,0 +1,137 @@
+"""Batch-B decode latency (ms per output token) of an llmc engine, beside Hugging Face transformers on
+the same model shape in the same process, as a fraction of the memory-bandwidth floor.
+
+    python benchmarks/decode_latency.py ENGINE [--batch 1] [--prompt-len 128] [--steps 128] [--hf]
+
+Floor per step = (weight bytes + KV bytes read) / bandwidth; bandwidth is measured here by a device copy.
+Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llmc.runtime.engine import LLMEngine  # noqa: E402
+from llmc.runtime.sampling_params import SamplingParams  # noqa: E402
+
+
+def measure_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / 20
+    del a, b
+    return nbytes / dt
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def llmc_decode(engine: LLMEngine, batch: int, prompt_len: int, steps: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    vocab = engine.vocab_size
+    prompts = [torch.randint(10, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True)
+    for p in prompts:  # warm-up request (Triton JIT, allocator)
+        engine.add_request(prompt_token_ids=p, params=SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    for p in prompts:
+        engine.add_request(prompt_token_ids=p, params=params)
+    engine.step()  # prefill (+ first token)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    n = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        n += 1
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / max(n, 1)
+    return {"ms_per_step": dt * 1e3, "steps": n}
+
+
+def hf_decode(c, batch: int, prompt_len: int, steps: int) -> dict:
+    """HF transformers' LlamaForCausalLM (eager, bf16, random init) of the same shape as ModelConfig ``c``."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+                                   intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
+                                   num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+                                   head_dim=c.head_dim, max_position_embeddings=c.max_position_embeddings,
+                                   rope_theta=c.rope_theta, tie_word_embeddings=c.tie_word_embeddings)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(10, c.vocab_size, (batch, prompt_len), device="cuda")
+
+    def run(new: int) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    run(4)
+    t_short, t_long = run(2), run(steps + 2)
+    out = {"ms_per_step": (t_long - t_short) / steps * 1e3, "version": transformers.__version__}
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("engine")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--hf", action="store_true", help="also measure Hugging Face transformers (eager, bf16)")
+    ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.45)
+    a = ap.parse_args()
+    bw = measure_bandwidth()
+    t0 = time.perf_counter()
+    eng = LLMEngine(a.engine, device="cuda", gpu_memory_utilization=a.gpu_memory_utilization,
+                    max_batch_size=max(a.batch, 1), show_progress=False)
+    if a.no_cuda_graphs:
+        eng.runner.graphs = None
+    startup = time.perf_counter() - t0
+    wbytes = weight_bytes(eng.runner.model)
+    c = eng.engine.model
+    ctx = a.prompt_len + a.steps / 2
+    kv_bytes = a.batch * ctx * 2 * c.num_hidden_layers * c.kv_size * 2
+    floor_ms = (wbytes + kv_bytes) / bw * 1e3
+    res = {"engine": a.engine, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "batch": a.batch, "prompt_len": a.prompt_len, "steps": a.steps, "bandwidth_GBps": bw / 1e9,
+           "weight_GB": wbytes / 1e9, "floor_ms": floor_ms, "startup_s": startup,
+           "graph_capture_s": eng.runner.graph_capture_seconds, "quant": eng.engine.quant.method,
+           "cuda_graphs": eng.runner.graphs is not None}
+    ours = llmc_decode(eng, a.batch, a.prompt_len, a.steps)
+    res["llmc"] = {**ours, "fraction_of_floor": floor_ms / ours["ms_per_step"],
+                   "tokens_per_s": a.batch * 1e3 / ours["ms_per_step"]}
+    if a.hf:
+        del eng
+        torch.cuda.empty_cache()
+        hf = hf_decode(c, a.batch, a.prompt_len, a.steps)
+        res["hf_transformers"] = {**hf, "fraction_of_floor": floor_ms / hf["ms_per_step"]}
+        res["speedup_vs_hf"] = hf["ms_per_step"] / ours["ms_per_step"]
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
