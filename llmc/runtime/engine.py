@@ -10,6 +10,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from llmc.runtime.sampler import Sampler, SamplingBatch
 from llmc.runtime.sampling_params import SamplingParams
 from llmc.runtime.scheduler import Scheduler, SchedulerOutput
 from llmc.runtime.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from llmc.spec.decoder import SpecConfig
 
 _request_ids = itertools.count()
 
@@ -50,6 +54,8 @@ class Request:
     params: SamplingParams
     states: list[SeqState]
     metrics: RequestMetrics
+    spec_proposed: int = 0
+    spec_accepted: int = 0
 
     @property
     def finished(self) -> bool:
@@ -72,7 +78,8 @@ class LLMEngine:
                  num_kv_blocks: int | None = None, enable_prefix_caching: bool = True,
                  max_batch_size: int | None = None, max_num_tokens: int | None = None,
                  gpu_memory_utilization: float = 0.9, kv_cache_bytes: int | None = None,
-                 show_progress: bool = True, cuda_graph_batch_sizes: list[int] | None = None):
+                 show_progress: bool = True, cuda_graph_batch_sizes: list[int] | None = None,
+                 speculative: "SpecConfig | None" = None):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.engine = load_engine(engine_dir, device)
         b = self.engine.build
@@ -90,6 +97,11 @@ class LLMEngine:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.requests: dict[str, Request] = {}
         self.metrics = EngineMetrics()
+        self.spec = None
+        if speculative is not None:
+            from llmc.spec.decoder import SpecDecoder
+
+            self.spec = SpecDecoder(speculative, self)
 
     def _load_tokenizer(self):
         tok_dir = self.engine.tokenizer_dir
@@ -173,6 +185,8 @@ class LLMEngine:
             if not st.seq.is_finished:
                 st.seq.status = SequenceStatus.FINISHED_ABORTED
             self.scheduler.remove(st.seq)
+            if self.spec is not None:
+                self.spec.release(st.seq)
         self._count_finish("abort")
         return True
 
@@ -181,9 +195,14 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward, sample, and return delta outputs for requests that progressed."""
+        """Schedule, run one forward, sample (or verify proposals), and return delta outputs."""
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)
         out = self.scheduler.schedule()
         self.metrics.num_preemptions += len(out.preempted)
+        for seq in out.preempted:
+            if self.spec is not None:
+                self.spec.release(seq)
         if out.empty:
             self._update_gauges()
             return []
@@ -191,21 +210,62 @@ class LLMEngine:
         logits = self.runner.forward(out.scheduled)
         self.scheduler.commit(out)
         self.metrics.computed_tokens += out.num_tokens
-        sample_seqs = [item.seq for item in out.scheduled if item.sample]
-        rows = list(range(len(sample_seqs)))
         now = time.monotonic()
-        for row, seq in enumerate(list(sample_seqs)):
+        sample_seqs: list[Sequence] = []
+        rows: list[int] = []
+        spec_items: list[tuple[Sequence, torch.Tensor]] = []
+        row = 0
+        for item in out.scheduled:
+            if not item.sample:
+                continue
+            seq = item.seq
             req = self.requests[seq.request_id]
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
                 req.metrics.num_cached_tokens = seq.num_cached_prompt_tokens
-            if seq.params.n > 1 and seq.index == 0 and len(req.states) == 1:
-                for child in self._fork(req, seq):
-                    sample_seqs.append(child)
-                    rows.append(row)
+            if item.num_logits > 1:
+                spec_items.append((seq, logits[row:row + item.num_logits]))
+            else:
+                sample_seqs.append(seq)
+                rows.append(row)
+                if seq.params.n > 1 and seq.index == 0 and len(req.states) == 1:
+                    for child in self._fork(req, seq):
+                        sample_seqs.append(child)
+                        rows.append(row)
+            row += item.num_logits
         if sample_seqs:
-            self._sample_and_apply(logits[rows] if len(rows) != logits.shape[0] else logits, sample_seqs)
-        return self._collect_outputs(out, sample_seqs)
+            self._sample_and_apply(logits[rows], sample_seqs)
+        if spec_items:
+            self._verify_and_apply(spec_items)
+        touched = sample_seqs + [s for s, _ in spec_items]
+        return self._collect_outputs(out, touched)
+
+    def _verify_and_apply(self, items: list[tuple[Sequence, torch.Tensor]]) -> None:
+        """Append the verified tokens, then roll the caches back to the tokens that are final."""
+        assert self.spec is not None
+        results = self.spec.verify(items)
+        now = time.monotonic()
+        for (seq, _), toks in zip(items, results):
+            if seq.is_finished:
+                continue
+            st = self._seq_state(seq)
+            k, a = len(seq.spec_token_ids), len(toks) - 1
+            seq.spec_token_ids = []
+            req = self.requests[seq.request_id]
+            req.spec_proposed += k
+            req.spec_accepted += a
+            for tok in toks:
+                self._record_token(seq, st, tok, now, None)
+                if seq.is_finished:
+                    break
+            if seq.is_finished:
+                self.spec.release(seq)
+                continue
+            # K/V are valid for every token but the last appended one (it is fed back next step).
+            valid = seq.num_tokens - 1
+            seq.num_computed_tokens = valid
+            self.kv.trim(seq, valid)
+            self.spec.rollback(seq, valid)
 
     def _fork(self, req: Request, parent: Sequence) -> list[Sequence]:
         """n > 1: once the prompt is computed, the other samples share its blocks (copy-on-write)."""
@@ -236,22 +296,28 @@ class LLMEngine:
         for i, (seq, tok) in enumerate(zip(seqs, tokens)):
             if seq.is_finished:
                 continue
-            st = self._seq_state(seq)
-            req = self.requests[seq.request_id]
-            seq.append_token(tok)
-            self.metrics.generation_tokens += 1
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
-                self.metrics.ttft.observe(now - req.metrics.arrival_time)
-            elif st.last_token_time is not None:
-                self.metrics.inter_token.observe(now - st.last_token_time)
-            st.last_token_time = now
+            lp = None
             if seq.params.logprobs is not None and lps is not None:
                 k = seq.params.logprobs
                 top = list(zip(top_ids[i][:k], top_lps[i][:k])) if top_ids is not None and k else []
-                st.logprobs.append(TokenLogprob(tok, lps[i], top))
-                st.cumulative_logprob += lps[i]
-            self._check_stop(seq, st, tok)
+                lp = TokenLogprob(tok, lps[i], top)
+            self._record_token(seq, self._seq_state(seq), tok, now, lp)
+
+    def _record_token(self, seq: Sequence, st: SeqState, tok: int, now: float, lp: TokenLogprob | None) -> None:
+        """Append one token: timing metrics, logprobs, stop conditions."""
+        req = self.requests[seq.request_id]
+        seq.append_token(tok)
+        self.metrics.generation_tokens += 1
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+            self.metrics.ttft.observe(now - req.metrics.arrival_time)
+        elif st.last_token_time is not None:
+            self.metrics.inter_token.observe(now - st.last_token_time)
+        st.last_token_time = now
+        if lp is not None:
+            st.logprobs.append(lp)
+            st.cumulative_logprob += lp.logprob
+        self._check_stop(seq, st, tok)
 
     def _banned(self, seq: Sequence) -> list[int]:
         """min_tokens: EOS and stop tokens are not allowed before it is reached."""
@@ -286,6 +352,8 @@ class LLMEngine:
         seq.status = status
         seq.stop_reason = reason
         self.scheduler.remove(seq)
+        if self.spec is not None:
+            self.spec.release(seq)
 
     def _count_finish(self, reason: str) -> None:
         self.metrics.requests_finished[reason] = self.metrics.requests_finished.get(reason, 0) + 1

@@ -33,6 +33,7 @@ class ScheduledSeq:
     seq: Sequence
     num_tokens: int
     sample: bool
+    num_logits: int = 1  # rows at the end that need logits: 1 + k when verifying k speculative tokens
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -133,7 +134,7 @@ class ModelRunner:
             s_lens.append(start + n)
             tables.append(seq.block_table)
             if item.sample:
-                sample_rows.append(len(ids) - 1)
+                sample_rows += range(len(ids) - item.num_logits, len(ids))
         dev = self.device
         meta = AttentionMetadata.build(q_lens, s_lens, tables, self.block_size, dev)
         return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),

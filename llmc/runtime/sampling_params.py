@@ -25,6 +25,7 @@ class SamplingParams:
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    num_speculative_tokens: int | None = None  # None: the engine's setting; 0: no speculation for this request
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -63,6 +64,9 @@ class SamplingParams:
             raise bad("min_tokens", f"must be a non-negative integer, got {self.min_tokens!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "must be non-empty strings")
+        if self.num_speculative_tokens is not None and (
+                not isinstance(self.num_speculative_tokens, int) or not 0 <= self.num_speculative_tokens <= 16):
+            raise bad("num_speculative_tokens", f"must be an integer in [0, 16], got {self.num_speculative_tokens!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", f"must be an integer, got {self.seed!r}")
 

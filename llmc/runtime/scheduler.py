@@ -91,7 +91,8 @@ class Scheduler:
 
     def _item(self, seq: Sequence, n: int) -> ScheduledSeq:
         end = seq.num_computed_tokens + n
-        return ScheduledSeq(seq, n, sample=end >= seq.num_tokens)
+        sample = end >= seq.num_tokens
+        return ScheduledSeq(seq, n, sample, num_logits=1 + len(seq.spec_token_ids) if sample else 1)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
