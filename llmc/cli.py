@@ -164,6 +164,25 @@ def sampling_options(fn):
     return fn
 
 
+def speculative_options(fn):
+    for opt in reversed([
+        click.option("--speculative", type=click.Choice(["ngram", "draft"]), default=None,
+                     help="Speculative decoding: prompt-lookup n-grams, or a draft engine."),
+        click.option("--draft-engine", type=click.Path(), default=None, help="Draft engine (with --speculative draft)."),
+        click.option("--num-speculative-tokens", type=int, default=4, show_default=True),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def spec_config(speculative, draft_engine, num_speculative_tokens):
+    if speculative is None:
+        return None
+    from llmc.spec.decoder import SpecConfig
+
+    return SpecConfig(method=speculative, draft_engine=draft_engine, num_speculative_tokens=num_speculative_tokens)
+
+
 @main.command()
 @click.argument("engine", type=click.Path())
 @click.argument("prompt")
@@ -171,16 +190,18 @@ def sampling_options(fn):
 @click.option("--system", default=None, help="System message (with --chat).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda if available.")
 @sampling_options
+@speculative_options
 @user_errors
 def generate(engine, prompt, chat, system, device, max_tokens, temperature, top_p, top_k, min_p,
-             repetition_penalty, seed, stop):
+             repetition_penalty, seed, stop, speculative, draft_engine, num_speculative_tokens):
     """Generate a completion for PROMPT, streaming it to the terminal."""
     from llmc.runtime.engine import LLMEngine
     from llmc.runtime.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                             repetition_penalty=repetition_penalty, seed=seed, stop=list(stop))
-    eng = LLMEngine(engine, device=device, show_progress=False)
+    eng = LLMEngine(engine, device=device, show_progress=False,
+                    speculative=spec_config(speculative, draft_engine, num_speculative_tokens))
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         req = eng.add_request(params=params, prompt_token_ids=eng.apply_chat_template(messages))
@@ -198,8 +219,18 @@ def generate(engine, prompt, chat, system, device, max_tokens, temperature, top_
     if m.first_token_time and m.finished_time:
         dt = m.finished_time - m.first_token_time
         click.echo(f"[{n} tokens, finish: {reason}, TTFT {1e3 * (m.first_token_time - m.arrival_time):.0f} ms"
-                   + (f", {(n - 1) / dt:.1f} tok/s" if n > 1 and dt > 0 else "") + "]", err=True)
+                   + (f", {(n - 1) / dt:.1f} tok/s" if n > 1 and dt > 0 else "")
+                   + (f", speculation accepted {req.spec_accepted}/{req.spec_proposed}" if req.spec_proposed else "")
+                   + "]", err=True)
 
+
+def _register_subcommands() -> None:
+    from llmc.benchmark.command import bench
+
+    main.add_command(bench)
+
+
+_register_subcommands()
 
 if __name__ == "__main__":
     main()

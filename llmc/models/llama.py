@@ -98,7 +98,7 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head is not None:
             self.lm_head.weight.requires_grad_(False)
         n = max_positions or cfg.max_position_embeddings
-        self.register_buffer("cos_sin", cos_sin_cache(cfg, n), persistent=False)
+        self.register_buffer("cos_sin", cos_sin_cache(cfg, n, self.embed_tokens.weight.device), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:

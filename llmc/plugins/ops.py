@@ -28,6 +28,12 @@ def _fast(name: str, t: torch.Tensor) -> Callable | None:
     return _FAST.get(name)
 
 
+def has_fast(name: str) -> bool:
+    """Whether a graph-safe CUDA kernel is registered for ``name`` (the reference loops on the host)."""
+    _fast(name, torch.empty(0, device="cuda") if torch.cuda.is_available() else torch.empty(0))
+    return name in _FAST
+
+
 def register(name: str) -> Callable[[Callable], Callable]:
     def deco(fn: Callable) -> Callable:
         _FAST[name] = fn

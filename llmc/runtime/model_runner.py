@@ -19,6 +19,7 @@ from llmc.config import ModelConfig
 from llmc.convert.checkpoint import TORCH_DTYPES
 from llmc.errors import CheckpointError, ConfigError
 from llmc.models.llama import LlamaForCausalLM
+from llmc.plugins import ops
 from llmc.plugins.metadata import AttentionMetadata
 from llmc.runtime.sequence import Sequence
 
@@ -53,6 +54,8 @@ class ModelRunner:
         if dtype not in TORCH_DTYPES:
             raise ConfigError(f"dtype must be one of {list(TORCH_DTYPES)}, got {dtype!r}")
         self.dtype = TORCH_DTYPES[dtype]
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(True)  # denormals in attention made CPU steps up to 20x slower
         self.block_size = engine.build.block_size
         self.max_seq_len = engine.build.max_seq_len
         with torch.device(self.device):
@@ -69,7 +72,7 @@ class ModelRunner:
                           for _ in range(self.config.num_hidden_layers)]
         self.graphs: CudaGraphs | None = None
         self.graph_capture_seconds = 0.0
-        if self.device.type == "cuda" and cuda_graph_batch_sizes != []:
+        if self.device.type == "cuda" and cuda_graph_batch_sizes != [] and ops.has_fast("paged_attention"):
             sizes = cuda_graph_batch_sizes or default_graph_batch_sizes(engine.build.max_batch_size)
             t0 = time.perf_counter()
             self.graphs = CudaGraphs(self, sizes)
