@@ -1,6 +1,6 @@
 """Kernel dispatch: the model calls these; CUDA tensors go to the fast kernels, CPU tensors to the reference.
 
-Fast kernels register themselves in ``_FAST`` (see ``triton_ops.py``); a kernel that is not registered
+Fast kernels register themselves in ``_FAST`` (see ``triton_kernels.py``); a kernel that is not registered
 falls back to its reference, so the model always runs.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ def _fast(name: str, t: torch.Tensor) -> Callable | None:
     if not _loaded:
         _loaded = True
         try:
-            from llmc.plugins import triton_ops  # noqa: F401  (registers into _FAST)
-        except ImportError:
+            from llmc.plugins import triton_kernels  # noqa: F401  (registers into _FAST)
+        except ImportError:  # no triton: the references run everywhere
             pass
     return _FAST.get(name)
 

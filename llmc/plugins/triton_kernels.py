@@ -1,0 +1,201 @@
+"""Triton kernels for CUDA (also runnable on the CPU under ``TRITON_INTERPRET=1`` for tests).
+
+- ``write_kv``: scatter new K/V rows into their cache slots; slot -1 (CUDA-graph padding) is skipped
+  without any host-side masking, so it is graph-safe.
+- ``paged_attention``: decode rows (one query token) go to a flash-decoding kernel: one program per
+  (sequence, KV head, split) serves the whole query group of that KV head (GQA: K/V read once per group),
+  walks its slice of the context through the block table in tiles of ``BLOCK_N`` tokens with an online
+  softmax, and a second kernel merges the splits. Splitting the context keeps the GPU full when a batch
+  has few, long sequences. Grid sizes depend only on host ints (batch size, ``max_seq_len``), so the
+  decode path can be captured in a CUDA graph. Rows of sequences that prefill more than one token use
+  the reference (gathered, per sequence) for now.
+
+Tunables live in ``TACTICS`` so ``llmc build --device cuda`` can time variants and store the winners.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from llmc.plugins import reference
+from llmc.plugins.metadata import AttentionMetadata
+from llmc.plugins.ops import register
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+TACTICS: dict[str, int] = {"decode_block_n": 64, "decode_num_warps": 4, "decode_target_programs": 264,
+                           "decode_min_tokens_per_split": 256}
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_vt,
+                     ROW: tl.constexpr, ROW_PAD: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t)
+    if slot >= 0:
+        offs = tl.arange(0, ROW_PAD)
+        mask = offs < ROW
+        k = tl.load(k_ptr + t * stride_kt + offs, mask=mask)
+        v = tl.load(v_ptr + t * stride_vt + offs, mask=mask)
+        tl.store(kc_ptr + slot * ROW + offs, k.to(kc_ptr.dtype.element_ty), mask=mask)
+        tl.store(vc_ptr + slot * ROW + offs, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+@register("write_kv")
+def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    T, H, D = k.shape
+    if T == 0:
+        return
+    assert k.stride(2) == 1 and k.stride(1) == D and v.stride(2) == 1 and v.stride(1) == D
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    row = H * D
+    _write_kv_kernel[(T,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
+                           ROW=row, ROW_PAD=triton.next_power_of_2(row))
+
+
+@triton.jit
+def _decode_tile(n0, end, q, m, l, acc, kc_ptr, vc_ptr, bt_ptr, s, kvh, scale, stride_kb, stride_ks, stride_kh,
+                 stride_bts, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One tile of BLOCK_N context tokens (gathered through the block table) folded into (m, l, acc)."""
+    offs_d = tl.arange(0, D)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    nmask = offs_n < end
+    blk = tl.load(bt_ptr + s * stride_bts + offs_n // PAGE, mask=nmask, other=0)
+    base = blk.to(tl.int64) * stride_kb + (offs_n % PAGE) * stride_ks + kvh * stride_kh
+    k = tl.load(kc_ptr + base[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+    v = tl.load(vc_ptr + base[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+    scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [GROUP_PAD, BLOCK_N]
+    scores = tl.where(nmask[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(scores - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+    return m_new, l, acc
+
+
+@triton.jit
+def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr, qrow_ptr, seqidx_ptr,
+                   m_ptr, l_ptr, acc_ptr, scale,
+                   stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bts,
+                   NSPLIT: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
+                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_Q_HEADS: tl.constexpr,
+                   STATIC_ITERS: tl.constexpr):
+    i = tl.program_id(0)  # which decode sequence
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    s = tl.load(seqidx_ptr + i)
+    row = tl.load(qrow_ptr + s)
+    seq_len = tl.load(seqlen_ptr + s)
+    chunk = tl.cdiv(tl.cdiv(seq_len, NSPLIT), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, D)
+    gmask = offs_g < GROUP
+    heads = kvh * GROUP + offs_g
+    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=gmask[:, None], other=0.0).to(tl.float32)
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    if STATIC_ITERS > 0:  # the CPU interpreter cannot loop to a loaded bound: fixed trip count, masked
+        for it in range(0, STATIC_ITERS):
+            m, l, acc = _decode_tile(start + it * BLOCK_N, end, q, m, l, acc, kc_ptr, vc_ptr, bt_ptr, s, kvh,
+                                     scale, stride_kb, stride_ks, stride_kh, stride_bts, D, PAGE, BLOCK_N)
+    else:
+        for n0 in range(start, start + chunk, BLOCK_N):
+            m, l, acc = _decode_tile(n0, end, q, m, l, acc, kc_ptr, vc_ptr, bt_ptr, s, kvh,
+                                     scale, stride_kb, stride_ks, stride_kh, stride_bts, D, PAGE, BLOCK_N)
+    ws = (i * NUM_Q_HEADS + heads) * NSPLIT + split
+    tl.store(m_ptr + ws, m, mask=gmask)
+    tl.store(l_ptr + ws, l, mask=gmask)
+    tl.store(acc_ptr + ws[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
+
+
+@triton.jit
+def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, qrow_ptr, seqidx_ptr, stride_ot, stride_oh,
+                  NSPLIT: tl.constexpr, NSPLIT_PAD: tl.constexpr, D: tl.constexpr, NUM_Q_HEADS: tl.constexpr):
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.load(seqidx_ptr + i)
+    row = tl.load(qrow_ptr + s)
+    offs = tl.arange(0, NSPLIT_PAD)
+    smask = offs < NSPLIT
+    base = (i * NUM_Q_HEADS + h) * NSPLIT
+    m = tl.load(m_ptr + base + offs, mask=smask, other=float("-inf"))
+    l = tl.load(l_ptr + base + offs, mask=smask, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.where(smask & (m > float("-inf")), tl.exp(m - m_max), 0.0)
+    offs_d = tl.arange(0, D)
+    acc = tl.load(acc_ptr + (base + offs)[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(out_ptr + row * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int:
+    """Enough splits to give the GPU ~TACTICS['decode_target_programs'] programs, never splits shorter
+    than TACTICS['decode_min_tokens_per_split'] tokens."""
+    want = -(-TACTICS["decode_target_programs"] // max(num_seqs * num_kv_heads, 1))
+    cap = max(1, max_seq_len // TACTICS["decode_min_tokens_per_split"])
+    return max(1, min(want, cap))
+
+
+def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor,
+                 seq_idx: torch.Tensor, num_splits: int | None = None) -> None:
+    """Attention for the single query row of each sequence in ``seq_idx`` (device int32 tensor)."""
+    n = seq_idx.shape[0]
+    if n == 0:
+        return
+    Hq, D = q.shape[1], q.shape[2]
+    Hkv, page = k_cache.shape[2], k_cache.shape[1]
+    group = Hq // Hkv
+    nsplit = num_splits or decode_num_splits(n, Hkv, meta.max_seq_len)
+    block_n = TACTICS["decode_block_n"]
+    m = torch.empty((n, Hq, nsplit), dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty((n, Hq, nsplit, D), dtype=torch.float32, device=q.device)
+    _decode_kernel[(n, Hkv, nsplit)](
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, seq_idx, m, l, acc, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        meta.block_tables.stride(0),
+        NSPLIT=nsplit, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1), D=D, PAGE=page,
+        BLOCK_N=block_n, NUM_Q_HEADS=Hq, num_warps=TACTICS["decode_num_warps"],
+        STATIC_ITERS=-(-(-(-meta.max_seq_len // nsplit)) // block_n) if _INTERPRET else 0)
+    _merge_kernel[(n, Hq)](m, l, acc, out, meta.query_start_loc, seq_idx, out.stride(0), out.stride(1),
+                           NSPLIT=nsplit, NSPLIT_PAD=triton.next_power_of_2(nsplit), D=D, NUM_Q_HEADS=Hq)
+
+
+@register("paged_attention")
+def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    out = torch.empty_like(q)
+    if meta.is_decode_only:
+        idx = torch.arange(meta.num_seqs, dtype=torch.int32, device=q.device)
+        paged_decode(q, k_cache, v_cache, meta, scale, out, idx)
+        return out
+    qsl = meta.query_start_loc_cpu
+    q_lens = [qsl[i + 1] - qsl[i] for i in range(meta.num_seqs)]
+    decode = [i for i, ql in enumerate(q_lens) if ql == 1]
+    if decode:
+        paged_decode(q, k_cache, v_cache, meta, scale, out,
+                     torch.tensor(decode, dtype=torch.int32, device=q.device))
+    prefill = [i for i, ql in enumerate(q_lens) if ql > 1]
+    if prefill:  # reference path, one sequence at a time, over the same cache
+        sub = AttentionMetadata(
+            slot_mapping=meta.slot_mapping, query_start_loc=meta.query_start_loc, seq_lens=meta.seq_lens,
+            block_tables=meta.block_tables[prefill], max_query_len=meta.max_query_len,
+            max_seq_len=meta.max_seq_len,
+            query_start_loc_cpu=[0], seq_lens_cpu=[meta.seq_lens_cpu[i] for i in prefill])
+        rows = []
+        for i in prefill:
+            sub.query_start_loc_cpu.append(sub.query_start_loc_cpu[-1] + q_lens[i])
+            rows.append(torch.arange(qsl[i], qsl[i + 1], device=q.device))
+        rows_t = torch.cat(rows)
+        out[rows_t] = reference.paged_attention(q[rows_t], k_cache, v_cache, sub, scale)
+    return out
