@@ -94,6 +94,26 @@ def hf_decode(c, batch: int, prompt_len: int, steps: int) -> dict:
     return out
 
 
+def profile_steps(engine: LLMEngine, batch: int, prompt_len: int, steps: int = 20) -> list[dict]:
+    """Top CUDA kernels (by total device time) over ``steps`` decode steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(batch):
+        engine.add_request(prompt_token_ids=list(range(10, 10 + prompt_len)),
+                           params=SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True))
+    engine.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    while engine.has_unfinished_requests():
+        engine.step()
+    rows = []
+    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:15]:
+        rows.append({"name": e.key[:80], "calls": e.count, "device_ms_per_step": e.device_time_total / 1e3 / steps})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("engine")
@@ -103,6 +123,7 @@ def main() -> None:
     ap.add_argument("--hf", action="store_true", help="also measure Hugging Face transformers (eager, bf16)")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.45)
+    ap.add_argument("--profile", action="store_true", help="add the top CUDA kernels of 20 decode steps")
     a = ap.parse_args()
     bw = measure_bandwidth()
     t0 = time.perf_counter()
@@ -124,6 +145,8 @@ def main() -> None:
     ours = llmc_decode(eng, a.batch, a.prompt_len, a.steps)
     res["llmc"] = {**ours, "fraction_of_floor": floor_ms / ours["ms_per_step"],
                    "tokens_per_s": a.batch * 1e3 / ours["ms_per_step"]}
+    if a.profile:
+        res["profile"] = profile_steps(eng, a.batch, a.prompt_len)
     if a.hf:
         del eng
         torch.cuda.empty_cache()

@@ -82,3 +82,27 @@ def test_write_kv_matches_reference_and_skips_padding():
     tk.write_kv(k, v, kc, vc, slot_t)
     torch.testing.assert_close(kc, kr)
     torch.testing.assert_close(vc, vr)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if DEV == "cuda" else [torch.float32])
+def test_small_fused_ops_match_reference(dtype):
+    g = torch.Generator().manual_seed(5)
+    T, H = 7, 96
+    x = torch.randn(T, H, generator=g).to(DEV, dtype)
+    r = torch.randn(T, H, generator=g).to(DEV, dtype)
+    w = torch.randn(H, generator=g).to(DEV, dtype)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tk.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5), **tol)
+    for got, want in zip(tk.fused_add_rms_norm(x, r, w, 1e-5), reference.fused_add_rms_norm(x, r, w, 1e-5)):
+        torch.testing.assert_close(got, want, **tol)
+    gu = torch.randn(T, 2 * 80, generator=g).to(DEV, dtype)
+    torch.testing.assert_close(tk.silu_and_mul(gu), reference.silu_and_mul(gu), **tol)
+    # rope on strided q/k views of a fused qkv, as the model calls it
+    hq, hk, d = 4, 2, 32
+    qkv = torch.randn(T, (hq + 2 * hk) * d, generator=g).to(DEV, dtype)
+    q = qkv[:, : hq * d].reshape(T, hq, d)
+    k = qkv[:, hq * d:(hq + hk) * d].reshape(T, hk, d)
+    cs = torch.randn(64, d, generator=g).to(DEV)
+    pos = torch.tensor([0, 5, 63, 7, 7, 1, 30], device=DEV)
+    for got, want in zip(tk.rotary_embedding(pos, q, k, cs), reference.rotary_embedding(pos, q, k, cs)):
+        torch.testing.assert_close(got, want, **tol)

@@ -199,3 +199,100 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) 
         rows_t = torch.cat(rows)
         out[rows_t] = reference.paged_attention(q[rows_t], k_cache, v_cache, sub, scale)
     return out
+
+
+# ---------------------------------------------------------------------------- fused small ops
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, eps, stride_x, stride_r, stride_o,
+                     N: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        x = x + tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(res_out_ptr + row * N + offs, x.to(res_out_ptr.dtype.element_ty), mask=mask)
+        x = x.to(res_out_ptr.dtype.element_ty).to(tl.float32)  # normalise the rounded sum, as the reference
+    var = tl.sum(x * x, axis=0) / N
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = x * tl.rsqrt(var + eps) * w
+    tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rms(x, residual, weight, eps):
+    N = x.shape[-1]
+    x2 = x.reshape(-1, N)
+    out = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(out) if residual is not None else out
+    r2 = residual.reshape(-1, N) if residual is not None else x2
+    if x2.shape[0]:
+        _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, res_out, eps, x2.stride(0), r2.stride(0), N,
+                                         N=N, BLOCK=triton.next_power_of_2(N), HAS_RES=residual is not None,
+                                         num_warps=4 if N <= 4096 else 8)
+    return out.view(x.shape), res_out.view(x.shape)
+
+
+@register("rms_norm")
+def rms_norm(x, weight, eps: float) -> torch.Tensor:
+    return _rms(x, None, weight, eps)[0]
+
+
+@register("fused_add_rms_norm")
+def fused_add_rms_norm(x, residual, weight, eps: float):
+    return _rms(x, residual, weight, eps)
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, I: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < I
+    g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + I + offs, mask=mask, other=0.0).to(tl.float32)
+    y = g / (1.0 + tl.exp(-g)) * u
+    tl.store(out_ptr + row * I + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@register("silu_and_mul")
+def silu_and_mul(x) -> torch.Tensor:
+    I = x.shape[-1] // 2
+    x2 = x.reshape(-1, 2 * I)
+    out = torch.empty((x2.shape[0], I), dtype=x.dtype, device=x.device)
+    block = 1024
+    if x2.shape[0]:
+        _silu_mul_kernel[(x2.shape[0], triton.cdiv(I, block))](x2, out, x2.stride(0), I=I, BLOCK=block)
+    return out.view(*x.shape[:-1], I)
+
+
+@triton.jit
+def _rope_kernel(pos_ptr, x_ptr, out_ptr, cs_ptr, stride_xt, stride_xh, stride_cs, H: tl.constexpr,
+                 H_PAD: tl.constexpr, HALF: tl.constexpr):
+    t = tl.program_id(0)
+    pos = tl.load(pos_ptr + t)
+    offs_h = tl.arange(0, H_PAD)
+    offs_d = tl.arange(0, HALF)
+    hmask = offs_h < H
+    cos = tl.load(cs_ptr + pos * stride_cs + offs_d).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * stride_cs + HALF + offs_d).to(tl.float32)
+    base = x_ptr + t * stride_xt + offs_h[:, None] * stride_xh + offs_d[None, :]
+    x1 = tl.load(base, mask=hmask[:, None], other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF, mask=hmask[:, None], other=0.0).to(tl.float32)
+    obase = out_ptr + t * (H * 2 * HALF) + offs_h[:, None] * (2 * HALF) + offs_d[None, :]
+    ty = out_ptr.dtype.element_ty
+    tl.store(obase, (x1 * cos[None, :] - x2 * sin[None, :]).to(ty), mask=hmask[:, None])
+    tl.store(obase + HALF, (x2 * cos[None, :] + x1 * sin[None, :]).to(ty), mask=hmask[:, None])
+
+
+def _rope_one(positions, x, cos_sin_cache):
+    T, H, D = x.shape
+    out = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
+    if T:
+        _rope_kernel[(T,)](positions, x, out, cos_sin_cache, x.stride(0), x.stride(1), cos_sin_cache.stride(0),
+                           H=H, H_PAD=triton.next_power_of_2(H), HALF=D // 2)
+    return out
+
+
+@register("rotary_embedding")
+def rotary_embedding(positions, q, k, cos_sin_cache):
+    assert q.stride(2) == 1 and k.stride(2) == 1
+    return _rope_one(positions, q, cos_sin_cache), _rope_one(positions, k, cos_sin_cache)
