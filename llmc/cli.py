@@ -2,30 +2,13 @@
 on stderr and a non-zero exit (never a traceback for bad input)."""
 from __future__ import annotations
 
-import functools
 import json
-import sys
 from pathlib import Path
 
 import click
 
 from llmc import __version__
-from llmc.errors import LLMCError
-
-
-def user_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except LLMCError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper
+from llmc.clitools import user_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -226,8 +209,10 @@ def generate(engine, prompt, chat, system, device, max_tokens, temperature, top_
 
 def _register_subcommands() -> None:
     from llmc.benchmark.command import bench
+    from llmc.serve.command import serve
 
     main.add_command(bench)
+    main.add_command(serve)
 
 
 _register_subcommands()

@@ -5,31 +5,17 @@ matplotlib) happen inside the commands so ``llmc --help`` stays instant.
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import sys
 
 import click
 
-from llmc.errors import ConfigError, LLMCError
+from llmc.clitools import user_errors
+from llmc.errors import ConfigError
 
 
-def _user_errors(fn):
-    """Same contract as llmc.cli: a user error is one ``error:`` line and a non-zero exit. (Local copy:
-    importing llmc.cli from here would be circular once cli.py imports this module.)"""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except LLMCError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper
+_user_errors = user_errors
 
 
 def _apply(fn, opts):
