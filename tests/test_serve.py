@@ -248,3 +248,17 @@ def test_openapi_fuzz_finds_no_5xx(server):
         body["model"] = MODEL
         r = httpx.post(server + path, json=body, timeout=60)
         assert r.status_code < 500, (path, body, r.text)
+
+
+def test_schemathesis_finds_no_5xx(server):
+    """Schemathesis generates requests from /openapi.json; not_a_server_error fails on any 5xx."""
+    import shutil
+
+    exe = shutil.which("schemathesis") or os.path.join(os.path.dirname(sys.executable), "schemathesis")
+    if not os.path.exists(exe):
+        pytest.skip("schemathesis is not installed")
+    r = subprocess.run([exe, "run", server + "/openapi.json", "--checks", "not_a_server_error", "--max-examples",
+                        "30", "--phases", "examples,fuzzing", "--request-timeout", "60", "--seed", "1"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "passed" in r.stdout
