@@ -46,15 +46,12 @@ class AttentionMetadata:
             for pos in range(sl - ql, sl):
                 slots.append(bt[pos // block_size] * block_size + pos % block_size)
         width = max((len(bt) for bt in block_tables), default=1) or 1
-        table = torch.zeros((len(block_tables), width), dtype=torch.int32)
-        for i, bt in enumerate(block_tables):
-            if bt:
-                table[i, : len(bt)] = torch.tensor(bt, dtype=torch.int32)
+        table = torch.tensor([bt + [0] * (width - len(bt)) for bt in block_tables], dtype=torch.int32)
         return cls(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
             query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_tables=table.to(device),
+            block_tables=table.reshape(len(block_tables), width).to(device),
             max_query_len=max(query_lens, default=0),
             max_seq_len=max(seq_lens, default=0),
             query_start_loc_cpu=qsl,

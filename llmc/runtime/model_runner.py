@@ -130,8 +130,7 @@ class ModelRunner:
         for item in batch:
             seq, n = item.seq, item.num_tokens
             start = seq.num_computed_tokens
-            toks = seq.token_ids + seq.spec_token_ids
-            ids += toks[start:start + n]
+            ids += seq.token_slice(start, start + n)
             pos += range(start, start + n)
             q_lens.append(n)
             s_lens.append(start + n)

@@ -75,5 +75,17 @@ class Sequence:
         """True while tokens other than the last sampled one still need their K/V computed."""
         return self.num_computed_tokens < self.num_tokens - 1
 
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens ``[start, end)`` of prompt + output + speculative tokens, without building the whole list
+        (decode steps need one token of sequences thousands long)."""
+        p, o = self.prompt_token_ids, self.output_token_ids
+        np_, no = len(p), len(o)
+        out = p[start:end] if start < np_ else []
+        if end > np_:
+            out = out + o[max(start - np_, 0):end - np_]
+        if end > np_ + no:
+            out = out + self.spec_token_ids[max(start - np_ - no, 0):end - np_ - no]
+        return out
+
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
