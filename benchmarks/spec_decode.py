@@ -117,7 +117,8 @@ def oracle(a) -> dict:
     from llmc.spec.decoder import SpecDecoder
 
     cfg = SpecConfig(method="ngram", num_speculative_tokens=a.k, adaptive=False)
-    eng = LLMEngine(a.engine, show_progress=False, max_batch_size=1)  # one engine: weights load once
+    eng = LLMEngine(a.engine, show_progress=False, max_batch_size=1, gpu_memory_utilization=0.5,  # load once
+                    dtype=a.dtype)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, eng.vocab_size, (a.prompt_len,), generator=g).tolist() for _ in range(a.num_prompts)]
     params = SamplingParams(temperature=0, max_tokens=a.max_tokens, ignore_eos=True)
@@ -148,7 +149,7 @@ def oracle(a) -> dict:
 
 
 def draft(a) -> dict:
-    base = LLMEngine(a.engine, show_progress=False, max_batch_size=1)
+    base = LLMEngine(a.engine, show_progress=False, max_batch_size=1, gpu_memory_utilization=0.3)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, base.vocab_size, (a.prompt_len,), generator=g).tolist() for _ in range(a.num_prompts)]
     params = SamplingParams(temperature=0, max_tokens=a.max_tokens, ignore_eos=True)
@@ -160,7 +161,7 @@ def draft(a) -> dict:
         t_base += dt
         n_base += n
     del base
-    spec = LLMEngine(a.engine, show_progress=False, max_batch_size=1,
+    spec = LLMEngine(a.engine, show_progress=False, max_batch_size=1, gpu_memory_utilization=0.3,
                      speculative=SpecConfig(method="draft", draft_engine=a.draft, num_speculative_tokens=a.k))
     got, t, n = [], 0.0, 0
     for p in prompts:
@@ -182,5 +183,7 @@ if __name__ == "__main__":
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--num-prompts", type=int, default=3)
     ap.add_argument("--alphas", default="0,0.5,0.7,0.8,0.9,1")
+    ap.add_argument("--dtype", default=None, help="compute dtype (oracle mode); random weights make bf16 greedy "
+                    "decoding flip between kernel shapes, so the oracle sweep runs in float32 there")
     a = ap.parse_args()
     print(json.dumps({"ngram": ngram, "oracle": oracle, "draft": draft}[a.mode](a), indent=1))

@@ -50,7 +50,11 @@ def tensor_shape(name: str, c: ModelConfig) -> tuple[int, ...]:
     raise KeyError(name)
 
 
-def write_synthetic(shape: str, out: str | Path, dtype: str = "bfloat16", device: str = "cpu", seed: int = 0) -> Path:
+def write_synthetic(shape: str, out: str | Path, dtype: str = "bfloat16", device: str = "cpu", seed: int = 0,
+                    head_std: float = 0.5) -> Path:
+    """``head_std``: a wide LM head makes random-weight logits confident (top-1 margins of several units), so
+    bf16 rounding differences between kernel shapes (batch sizes, verification vs decode) do not flip greedy
+    tokens; at HF's 0.02 nearly every argmax is a near-tie and speculative acceptance measures noise."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig(**SHAPES[shape], dtype=dtype)
@@ -61,7 +65,8 @@ def write_synthetic(shape: str, out: str | Path, dtype: str = "bfloat16", device
         if name.endswith("norm.weight"):
             t = torch.ones(shp)
         else:  # std 0.02 like HF init keeps activations in a sane range through 32 layers
-            t = torch.randn(shp, generator=g, device=device, dtype=torch.float32).mul_(0.02)
+            std = head_std if name == "lm_head.weight" else 0.02
+            t = torch.randn(shp, generator=g, device=device, dtype=torch.float32).mul_(std)
         writer.add(name, t.to(TORCH_DTYPES[dtype]).cpu())
     files = writer.close()
     write_config(out, cfg, QuantConfig(), {"model": f"synthetic:{shape}", "kind": "synthetic", "seed": seed}, files)

@@ -29,9 +29,10 @@ class DraftProposer:
                               f"{target.build.max_seq_len}; rebuild the draft with --max-seq-len "
                               f"{target.build.max_seq_len}")
         r = engine.runner
+        # As many blocks as the target: the draft shadows the same sequences (its blocks are smaller).
         self.runner = ModelRunner(draft, r.device, None if r.device.type == "cpu" else str(r.dtype).split(".")[-1],
-                                  show_progress=False, cuda_graph_batch_sizes=[],
-                                  kv_cache_bytes=None)
+                                  num_kv_blocks=r.num_kv_blocks * r.block_size // draft.build.block_size,
+                                  show_progress=False, cuda_graph_batch_sizes=[])
         self.kv = KVCacheManager(self.runner.num_kv_blocks, draft.build.block_size, enable_prefix_caching=False)
         self.shadows: dict[int, Sequence] = {}
         self.max_tokens_per_forward = max(draft.build.max_num_tokens, 1)
