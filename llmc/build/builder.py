@@ -17,6 +17,7 @@ from llmc import __version__
 from llmc.build.engine import current_cuda_target, load_engine, write_engine_json
 from llmc.config import BuildConfig, QuantConfig
 from llmc.convert.checkpoint import ShardWriter, load_checkpoint
+from llmc.build.sharding import check_shardable, shard_tensor, tp_layout
 from llmc.convert.hf_reader import count_tensors
 from llmc.errors import ConfigError
 
@@ -98,16 +99,20 @@ def build(ckpt_dir: str | Path, out: str | Path, cfg: BuildConfig | None = None,
         if here is None:
             raise ConfigError("--device cuda needs a CUDA GPU on the build machine; build on the serving GPU")
         target = here
-    if cfg.tp_size != 1:
-        raise ConfigError("--tp-size > 1 is not supported yet")
+    check_shardable(model, ckpt.quant.enabled, cfg.tp_size)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "engine.json").unlink(missing_ok=True)
-    writer = ShardWriter(out, prefix="rank0")
+    writers = [ShardWriter(out, prefix=f"rank{r}") for r in range(cfg.tp_size)]
+    layouts = [tp_layout(model, r, cfg.tp_size) for r in range(cfg.tp_size)]
     source = tqdm(ckpt.tensors(), total=count_tensors(ckpt.files), desc="build: pack weights", unit="tensor")
     for name, t in engine_tensors(source, model.num_hidden_layers):
-        writer.add(name, t)
-    files = writer.close()
+        if cfg.tp_size == 1:
+            writers[0].add(name, t)
+            continue
+        for w, lay in zip(writers, layouts):
+            w.add(name, shard_tensor(name, t, model, lay).clone())
+    files = [f for w in writers for f in w.close()]
     tok = out / "tokenizer"
     if tok.exists():
         shutil.rmtree(tok)

@@ -33,7 +33,7 @@ class Engine:
 
     def rank_weights(self, rank: int) -> list[Path]:
         """Weight files for one tensor-parallel rank (files are named ``rank{r}*.safetensors``)."""
-        return [w for w in self.weights if w.name.startswith(f"rank{rank}")]
+        return [w for w in self.weights if w.name.startswith(f"rank{rank}-")]
 
 
 def current_cuda_target() -> dict[str, Any] | None:

@@ -19,6 +19,26 @@ from llmc.plugins.metadata import AttentionMetadata
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
+class TP:
+    """This rank's share of a tensor-parallel model (``layout``) and its process group; ``None`` = one rank."""
+
+    def __init__(self, layout, group=None):
+        self.layout, self.group = layout, group
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(self.layout.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype: torch.dtype):
         super().__init__()
@@ -32,13 +52,16 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, quant: QuantConfig | None, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, quant: QuantConfig | None, dtype: torch.dtype, tp: TP | None = None):
         super().__init__()
+        self.tp = tp
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        if tp is not None:
+            self.num_heads, self.num_kv_heads = tp.layout.q_heads, tp.layout.kv_heads
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
         self.qkv_proj = make_linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, quant, dtype)
-        self.o_proj = make_linear(self.q_size, cfg.hidden_size, False, quant, dtype)
+        self.o_proj = make_linear(self.q_size, cfg.hidden_size, False, quant, dtype)  # row-parallel under TP
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                 kv: KVCache, meta: AttentionMetadata) -> torch.Tensor:
@@ -50,26 +73,30 @@ class Attention(nn.Module):
         q, k = ops.rotary_embedding(positions, q, k, cos_sin)
         ops.write_kv(k, v, kv[0], kv[1], meta.slot_mapping)
         o = ops.paged_attention(q, kv[0], kv[1], meta, self.scale)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        out = self.o_proj(o.reshape(-1, self.q_size))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, quant: QuantConfig | None, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, quant: QuantConfig | None, dtype: torch.dtype, tp: TP | None = None):
         super().__init__()
-        self.gate_up_proj = make_linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias, quant, dtype)
-        self.down_proj = make_linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, quant, dtype)
+        self.tp = tp
+        inter = cfg.intermediate_size if tp is None else tp.layout.intermediate
+        self.gate_up_proj = make_linear(cfg.hidden_size, 2 * inter, cfg.mlp_bias, quant, dtype)
+        self.down_proj = make_linear(inter, cfg.hidden_size, cfg.mlp_bias, quant, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        out = self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, quant: QuantConfig | None, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, quant: QuantConfig | None, dtype: torch.dtype, tp: TP | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, quant, dtype)
+        self.self_attn = Attention(cfg, quant, dtype, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, quant, dtype)
+        self.mlp = MLP(cfg, quant, dtype, tp)
 
     def forward(self, x, residual, positions, cos_sin, kv, meta):
         if residual is None:
@@ -86,15 +113,17 @@ class LlamaForCausalLM(nn.Module):
     """Embedding -> N decoder layers -> final norm; ``compute_logits`` applies the (maybe tied) LM head."""
 
     def __init__(self, cfg: ModelConfig, quant: QuantConfig | None = None, dtype: torch.dtype = torch.float32,
-                 max_positions: int | None = None):
+                 max_positions: int | None = None, tp: TP | None = None):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.tp = tp
+        vocab = cfg.vocab_size if tp is None else tp.layout.vocab_shard  # vocab-parallel under TP
+        self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, quant, dtype) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, quant, dtype, tp) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         # The LM head is never quantized (accuracy); tied models reuse the embedding matrix.
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, vocab, bias=False, dtype=dtype)
         if self.lm_head is not None:
             self.lm_head.weight.requires_grad_(False)
         n = max_positions or cfg.max_position_embeddings
@@ -103,13 +132,25 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` for a flat batch; K/V of the new tokens are written to the cache."""
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         residual = None
         for layer, kv in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, positions, self.cos_sin, kv, meta)
         x, _ = self.norm(x, residual)
         return x
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return self.embed_tokens(input_ids)
+        start = self.tp.layout.vocab_start
+        local = input_ids - start
+        mine = (local >= 0) & (local < self.embed_tokens.num_embeddings)
+        x = self.embed_tokens(torch.where(mine, local, 0)) * mine[:, None].to(self.embed_tokens.weight.dtype)
+        return self.tp.all_reduce(x)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, w).float()
+        logits = torch.nn.functional.linear(hidden, w).float()
+        if self.tp is not None:
+            logits = self.tp.all_gather_last(logits)[..., : self.config.vocab_size]
+        return logits

@@ -86,8 +86,14 @@ class LLMEngine:
         self.max_seq_len = b.max_seq_len
         self.max_batch_size = min(max_batch_size or b.max_batch_size, b.max_batch_size)
         self.max_num_tokens = min(max_num_tokens or b.max_num_tokens, b.max_num_tokens)
-        self.runner = ModelRunner(self.engine, device, dtype, num_kv_blocks, gpu_memory_utilization,
-                                  kv_cache_bytes, show_progress, cuda_graph_batch_sizes)
+        if b.tp_size > 1:
+            from llmc.distributed.executor import TPExecutor
+
+            self.runner = TPExecutor(self.engine, device, dtype, num_kv_blocks, gpu_memory_utilization,
+                                     kv_cache_bytes, show_progress)
+        else:
+            self.runner = ModelRunner(self.engine, device, dtype, num_kv_blocks, gpu_memory_utilization,
+                                      kv_cache_bytes, show_progress, cuda_graph_batch_sizes)
         self.kv = KVCacheManager(self.runner.num_kv_blocks, b.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, self.max_num_tokens, self.max_batch_size)
         self.sampler = Sampler()
@@ -102,6 +108,11 @@ class LLMEngine:
             from llmc.spec.decoder import SpecDecoder
 
             self.spec = SpecDecoder(speculative, self)
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers (a no-op for one rank)."""
+        if hasattr(self.runner, "shutdown"):
+            self.runner.shutdown()
 
     def _load_tokenizer(self):
         tok_dir = self.engine.tokenizer_dir

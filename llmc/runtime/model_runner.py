@@ -45,7 +45,7 @@ class ModelRunner:
     def __init__(self, engine: Engine, device: str | torch.device = "cpu", dtype: str | None = None,
                  num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  kv_cache_bytes: int | None = None, show_progress: bool = True,
-                 cuda_graph_batch_sizes: list[int] | None = None):
+                 cuda_graph_batch_sizes: list[int] | None = None, tp=None):
         self.engine = engine
         self.config = engine.model
         self.device = torch.device(device)
@@ -58,21 +58,25 @@ class ModelRunner:
             torch.set_flush_denormal(True)  # denormals in attention made CPU steps up to 20x slower
         self.block_size = engine.build.block_size
         self.max_seq_len = engine.build.max_seq_len
+        self.tp = tp
+        self.rank = tp.layout.rank if tp is not None else 0
+        self.num_kv_heads = tp.layout.kv_heads if tp is not None else self.config.num_key_value_heads
         with torch.device(self.device):
-            self.model = LlamaForCausalLM(self.config, engine.quant, self.dtype, max_positions=self.max_seq_len)
+            self.model = LlamaForCausalLM(self.config, engine.quant, self.dtype, max_positions=self.max_seq_len, tp=tp)
         self._load_weights(show_progress)
         self.num_kv_blocks = num_kv_blocks or self._auto_num_blocks(gpu_memory_utilization, kv_cache_bytes)
         if self.num_kv_blocks * self.block_size < self.max_seq_len:
             raise ConfigError(f"KV cache of {self.num_kv_blocks} blocks x {self.block_size} tokens cannot hold one "
                               f"sequence of max_seq_len {self.max_seq_len}; give it more memory or rebuild with a "
                               "smaller --max-seq-len")
-        shape = (self.num_kv_blocks, self.block_size, self.config.num_key_value_heads, self.config.head_dim)
+        shape = (self.num_kv_blocks, self.block_size, self.num_kv_heads, self.config.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(self.config.num_hidden_layers)]
         self.graphs: CudaGraphs | None = None
         self.graph_capture_seconds = 0.0
-        if self.device.type == "cuda" and cuda_graph_batch_sizes != [] and ops.has_fast("paged_attention"):
+        if (self.device.type == "cuda" and cuda_graph_batch_sizes != [] and ops.has_fast("paged_attention")
+                and tp is None):  # graphs around NCCL collectives are not set up yet
             sizes = cuda_graph_batch_sizes or default_graph_batch_sizes(engine.build.max_batch_size)
             t0 = time.perf_counter()
             self.graphs = CudaGraphs(self, sizes)
@@ -84,7 +88,7 @@ class ModelRunner:
 
         params = dict(self.model.named_parameters())
         loaded: set[str] = set()
-        files = self.engine.rank_weights(0)
+        files = self.engine.rank_weights(self.rank)
         bar = tqdm(total=len(params), desc="load weights", unit="tensor", disable=not show_progress)
         for f in files:
             try:
@@ -108,7 +112,8 @@ class ModelRunner:
             raise CheckpointError(f"engine is missing {len(missing)} tensor(s), e.g. {sorted(missing)[0]}; rebuild it")
 
     def _auto_num_blocks(self, utilization: float, kv_bytes: int | None) -> int:
-        per_block = kv_bytes_per_block(self.config, self.block_size, self.dtype)
+        per_block = kv_bytes_per_block(self.config, self.block_size, self.dtype) * self.num_kv_heads \
+            // self.config.num_key_value_heads
         if kv_bytes is None:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -122,8 +127,9 @@ class ModelRunner:
         return max(1, min(want, kv_bytes // per_block))
 
     # ------------------------------------------------------------------ execution
-    def prepare(self, batch: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        """Flat inputs for one forward; returns also the row index of each sampled sequence's last token."""
+    def prepare_lists(self, batch: list[ScheduledSeq]) -> tuple:
+        """Host-side inputs of one forward (token ids, positions, query and context lengths, block tables,
+        rows needing logits): small lists, which tensor-parallel rank 0 broadcasts to the other ranks."""
         ids: list[int] = []
         pos: list[int] = []
         q_lens, s_lens, tables, sample_rows = [], [], [], []
@@ -137,16 +143,20 @@ class ModelRunner:
             tables.append(seq.block_table)
             if item.sample:
                 sample_rows += range(len(ids) - item.num_logits, len(ids))
-        dev = self.device
-        meta = AttentionMetadata.build(q_lens, s_lens, tables, self.block_size, dev)
-        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(pos, dtype=torch.long, device=dev),
-                meta, sample_rows)
+        return ids, pos, q_lens, s_lens, tables, sample_rows
 
-    @torch.inference_mode()
     def forward(self, batch: list[ScheduledSeq], logit_rows: list[int] | None = None) -> torch.Tensor:
         """Run one forward; returns float32 logits ``[len(rows), vocab]`` for the sampled rows
         (or ``logit_rows`` if given: positions in the flat batch)."""
-        input_ids, positions, meta, sample_rows = self.prepare(batch)
+        return self.forward_lists(self.prepare_lists(batch), logit_rows)
+
+    @torch.inference_mode()
+    def forward_lists(self, lists: tuple, logit_rows: list[int] | None = None) -> torch.Tensor:
+        ids, pos, q_lens, s_lens, tables, sample_rows = lists
+        dev = self.device
+        meta = AttentionMetadata.build(q_lens, s_lens, tables, self.block_size, dev)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        positions = torch.tensor(pos, dtype=torch.long, device=dev)
         if (self.graphs is not None and logit_rows is None and meta.is_decode_only
                 and len(batch) <= self.graphs.max_batch_size):
             return self.graphs.run(input_ids, positions, meta)
