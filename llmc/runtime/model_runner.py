@@ -158,7 +158,7 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions = torch.tensor(pos, dtype=torch.long, device=dev)
         if (self.graphs is not None and logit_rows is None and meta.is_decode_only
-                and len(batch) <= self.graphs.max_batch_size):
+                and len(q_lens) <= self.graphs.max_batch_size):
             return self.graphs.run(input_ids, positions, meta)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
         rows = sample_rows if logit_rows is None else logit_rows
