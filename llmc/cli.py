@@ -209,9 +209,11 @@ def generate(engine, prompt, chat, system, device, max_tokens, temperature, top_
 
 def _register_subcommands() -> None:
     from llmc.benchmark.command import bench
+    from llmc.cli_quant import eval_ppl
     from llmc.serve.command import serve
 
     main.add_command(bench)
+    main.add_command(eval_ppl)
     main.add_command(serve)
 
 
