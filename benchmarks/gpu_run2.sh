@@ -6,11 +6,7 @@ set -u
 OUT=${OUT:-/tmp/llmc-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python3 benchmarks/synthetic_ckpt.py llama-2-7b /tmp/ck7b >/dev/null 2>&1
-python3 -m llmc.cli build /tmp/ck7b -o /tmp/en7b --device cuda --max-seq-len 4096 --max-batch-size 64 >/dev/null 2>&1
-rm -rf /tmp/ck7b
-python3 benchmarks/synthetic_ckpt.py draft-llama2-vocab /tmp/ckd >/dev/null 2>&1
-python3 -m llmc.cli build /tmp/ckd -o /tmp/end --device cuda --max-seq-len 4096 --max-batch-size 8 >/dev/null 2>&1
+source benchmarks/synthetic_engines.sh
 for b in 1 16 64; do
   python3 benchmarks/decode_latency.py /tmp/en7b --batch $b --steps 64 > "$OUT/decode_b$b.json" 2>> "$OUT/err.log"
   python3 -c "import json,sys; d=json.load(open('$OUT/decode_b$b.json')); print('batch', $b, 'ms/step', round(d['llmc']['ms_per_step'],2), 'floor', round(d['floor_ms'],2), 'frac', round(d['llmc']['fraction_of_floor'],3), 'tok/s', round(d['llmc']['tokens_per_s']))"

@@ -6,11 +6,7 @@ set -u
 OUT=${OUT:-/tmp/llmc-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python3 benchmarks/synthetic_ckpt.py llama-2-7b /tmp/ck7b >/dev/null 2>&1
-python3 -m llmc.cli build /tmp/ck7b -o /tmp/en7b --device cuda --max-seq-len 4096 --max-batch-size 64 >/dev/null 2>&1
-rm -rf /tmp/ck7b
-python3 benchmarks/synthetic_ckpt.py draft-llama2-vocab /tmp/ckd >/dev/null 2>&1
-python3 -m llmc.cli build /tmp/ckd -o /tmp/end --device cuda --max-seq-len 4096 --max-batch-size 8 >/dev/null 2>&1
+source benchmarks/synthetic_engines.sh
 python3 benchmarks/spec_decode.py oracle /tmp/en7b --k 4 --max-tokens 96 --dtype float32 --alphas 0,0.5,0.7,0.8,0.9,1 \
   > "$OUT/spec_oracle_fp32.json" 2>> "$OUT/err.log"; cat "$OUT/spec_oracle_fp32.json"
 python3 benchmarks/spec_decode.py draft /tmp/en7b --draft /tmp/end --k 4 --max-tokens 64 \

@@ -57,6 +57,17 @@ def run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> 
     return outs, dt, sum(len(o) for o in outs)
 
 
+def run_each(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], float, int]:
+    """Batch 1 (the regime speculation is for): each prompt alone; outputs, total seconds, total tokens."""
+    outs, total_t, total_n = [], 0.0, 0
+    for p in prompts:
+        o, dt, n = run(engine, [p], params)
+        outs += o
+        total_t += dt
+        total_n += n
+    return outs, total_t, total_n
+
+
 def ngram(a) -> dict:
     base = LLMEngine(a.engine, show_progress=False)
     tok = base.tokenizer
@@ -66,20 +77,10 @@ def ngram(a) -> dict:
     run(base, prompts[:1], SamplingParams(temperature=0, max_tokens=4))  # warm-up
     res = {"workload": "edit/copy prompts (chat template), greedy", "num_prompts": len(prompts), "batch": 1,
            "device": str(base.runner.device), "k": a.k}
-    want, t_base, n_base = [], 0.0, 0
-    for p in prompts:  # batch 1: the regime speculation is for
-        o, dt, n = run(base, [p], params)
-        want += o
-        t_base += dt
-        n_base += n
+    want, t_base, n_base = run_each(base, prompts, params)
     spec = LLMEngine(a.engine, show_progress=False,
                      speculative=SpecConfig(method="ngram", num_speculative_tokens=a.k))
-    got, t_spec, n_spec = [], 0.0, 0
-    for p in prompts:
-        o, dt, n = run(spec, [p], params)
-        got += o
-        t_spec += dt
-        n_spec += n
+    got, t_spec, n_spec = run_each(spec, prompts, params)
     res.update({"baseline_tok_per_s": n_base / t_base, "spec_tok_per_s": n_spec / t_spec,
                 "speedup": (n_spec / t_spec) / (n_base / t_base), "identical_outputs": got == want,
                 **{f"spec_{k}": v for k, v in spec.spec.stats.as_dict().items()},
@@ -157,19 +158,9 @@ def draft(a) -> dict:
     prompts = [torch.randint(10, eng.vocab_size, (a.prompt_len,), generator=g).tolist() for _ in range(a.num_prompts)]
     params = SamplingParams(temperature=0, max_tokens=a.max_tokens, ignore_eos=True)
     run(eng, prompts[:1], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-    want, t_base, n_base = [], 0.0, 0
-    for p in prompts:
-        o, dt, n = run(eng, [p], params)
-        want += o
-        t_base += dt
-        n_base += n
+    want, t_base, n_base = run_each(eng, prompts, params)
     eng.spec = spec
-    got, t, n = [], 0.0, 0
-    for p in prompts:
-        o, dt, k = run(eng, [p], params)
-        got += o
-        t += dt
-        n += k
+    got, t, n = run_each(eng, prompts, params)
     return {"mode": "draft", "k": a.k, "baseline_ms_per_token": t_base / n_base * 1e3, "ms_per_token": t / n * 1e3,
             "speedup": (t_base / n_base) / (t / n), "identical_outputs": got == want, **spec.stats.as_dict()}
 
