@@ -114,3 +114,19 @@ def test_int4_bundle_is_about_a_quarter_of_bf16(tiny_factory, tmp_path):
     with safe_open(str(next(ck.glob("model-*.safetensors"))), "pt") as f:
         q = f.get_tensor("model.layers.0.mlp.gate_proj.qweight")
     assert q.dtype == torch.uint8 and q.shape == (128, 32)  # [out, in / 2]: 4 bits per weight
+
+
+def test_eval_ppl_cli(smol_engine, tmp_path):
+    from click.testing import CliRunner
+
+    from llmc.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    res = CliRunner().invoke(main, ["eval-ppl", str(smol_engine), "--text", str(text), "--window", "128",
+                                    "--stride", "64", "--reference", str(smol_engine)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output[res.output.index("{"):])
+    assert out["top1_agreement"] == 1.0  # an engine agrees with itself
+    assert 1.0 < out["ppl"] < 5.0  # a repeated sentence is easy to predict
+    assert out["tokens"] > 300
