@@ -117,10 +117,3 @@ def test_cli_full_pipeline_tiny(tiny_factory, tmp_path):
 def test_build_bad_limits(smol_ckpt, tmp_path, args, needle):
     assert_one_line_error(run("build", smol_ckpt, "-o", tmp_path / "e", *args), needle)
 
-
-def test_quant_absent_is_a_clear_error(smol_ckpt, tmp_path):
-    import importlib.util
-
-    if importlib.util.find_spec("llmc.convert.quantize") is not None:
-        pytest.skip("quantization is implemented")
-    assert_one_line_error(run("build", smol_ckpt, "-o", tmp_path / "e", "--quant", "int8"), "not implemented")

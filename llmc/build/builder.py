@@ -78,9 +78,8 @@ def build(ckpt_dir: str | Path, out: str | Path, cfg: BuildConfig | None = None,
         QuantConfig(method=quant)
         if ckpt.quant.enabled:
             raise ConfigError(f"{ckpt_dir} is already quantized ({ckpt.quant.method}); build it without --quant")
-        from llmc.convert import load_quantizer
+        from llmc.convert.quantize import quantize_checkpoint
 
-        quantize_checkpoint = load_quantizer()
         with tempfile.TemporaryDirectory(prefix="llmc-quant-") as tmp:
             quantize_checkpoint(ckpt_dir, tmp, quant, **quant_options)
             return build(tmp, out, cfg)

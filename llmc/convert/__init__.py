@@ -26,7 +26,7 @@ def convert(model: str, out: str | Path, dtype: str = "auto", allow_pickle: bool
         raise ConfigError(f"--dtype must be auto, {', '.join(TORCH_DTYPES)}; got {dtype!r}")
     if quant and quant != "none":
         QuantConfig(method=quant)  # validate the name before any work
-        quantize_checkpoint = load_quantizer()
+        from llmc.convert.quantize import quantize_checkpoint
 
         with tempfile.TemporaryDirectory(prefix="llmc-float-", dir=out.parent if out.parent.exists() else None) as tmp:
             convert(model, tmp, dtype=dtype, allow_pickle=allow_pickle)
@@ -89,14 +89,3 @@ def _save_hf_tokenizer(src: Path, dst: Path) -> None:
         raise CheckpointError(f"{src}: tokenizer files present but unreadable ({e})") from None
     tok.save_pretrained(str(dst))
 
-
-def load_quantizer():
-    """The quantizer, or a clear error while it is not part of this llmc."""
-    try:
-        from llmc.convert.quantize import quantize_checkpoint
-    except ModuleNotFoundError as e:
-        if e.name != "llmc.convert.quantize":
-            raise
-        raise ConfigError("--quant is not implemented in this version of llmc (weight quantization is planned); "
-                          "convert and build without --quant") from None
-    return quantize_checkpoint
