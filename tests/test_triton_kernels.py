@@ -42,6 +42,7 @@ CASES = [  # (q_lens, ctx_lens, hq, hkv, page)
     ([1, 1], [33, 64], 6, 2, 16),  # GQA 3
     ([1, 1, 1, 1], [5, 100, 16, 31], 8, 2, 32),  # GQA 4, page 32
     ([7, 1, 12, 1], [7, 20, 40, 3], 4, 1, 16),  # mixed prefill (with cached prefix) + decode
+    ([70, 1, 33], [100, 9, 33], 8, 2, 32),  # prefill longer than one 64-row tile, prefix of 30, GQA 4
 ]
 
 

@@ -7,8 +7,9 @@
   walks its slice of the context through the block table in tiles of ``BLOCK_N`` tokens with an online
   softmax, and a second kernel merges the splits. Splitting the context keeps the GPU full when a batch
   has few, long sequences. Grid sizes depend only on host ints (batch size, ``max_seq_len``), so the
-  decode path can be captured in a CUDA graph. Rows of sequences that prefill more than one token use
-  the reference (gathered, per sequence) for now.
+  decode path can be captured in a CUDA graph. Rows of sequences that prefill more than one token go to a
+  flash-attention-style varlen kernel: one program per (tile of 64 query rows, query head) walks the paged
+  context with ``tl.dot`` tiles and a causal mask by position (cached prefixes and chunked prefill included).
 
 Tunables live in ``TACTICS`` so ``llmc build --device cuda`` can time variants and store the winners.
 """
@@ -20,14 +21,13 @@ import torch
 import triton
 import triton.language as tl
 
-from llmc.plugins import reference
 from llmc.plugins.metadata import AttentionMetadata
 from llmc.plugins.ops import register
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 TACTICS: dict[str, int] = {"decode_block_n": 64, "decode_num_warps": 4, "decode_target_programs": 264,
-                           "decode_min_tokens_per_split": 256}
+                           "decode_min_tokens_per_split": 256, "prefill_block_m": 64, "prefill_block_n": 64}
 
 
 @triton.jit
@@ -171,6 +171,101 @@ def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
                            NSPLIT=nsplit, NSPLIT_PAD=triton.next_power_of_2(nsplit), D=D, NUM_Q_HEADS=Hq)
 
 
+@triton.jit
+def _prefill_tile(n0, q, m, l, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_ptr, s, kvh, scale,
+                  stride_kb, stride_ks, stride_kh, stride_bts,
+                  D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    nmask = offs_n < seq_len
+    blk = tl.load(bt_ptr + s * stride_bts + offs_n // PAGE, mask=nmask, other=0)
+    base = blk.to(tl.int64) * stride_kb + (offs_n % PAGE) * stride_ks + kvh * stride_kh
+    k = tl.load(kc_ptr + base[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+    v = tl.load(vc_ptr + base[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+    if IEEE:
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    else:
+        scores = tl.dot(q, tl.trans(k)) * scale
+    ok = (offs_n[None, :] <= pos_q[:, None]) & nmask[None, :]
+    scores = tl.where(ok, scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(scores - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    l = l * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l, acc
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seqlen_ptr, qsl_ptr, tile_seq_ptr, tile_m_ptr, scale,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bts,
+                    GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, IEEE: tl.constexpr, STATIC_ITERS: tl.constexpr):
+    """Causal varlen attention for one tile of BLOCK_M query rows of one sequence and one query head,
+    over that sequence's whole paged context (cached prefix + the new rows, already written)."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.load(tile_seq_ptr + t)
+    m0 = tl.load(tile_m_ptr + t)
+    q0 = tl.load(qsl_ptr + s)
+    q_len = tl.load(qsl_ptr + s + 1) - q0
+    seq_len = tl.load(seqlen_ptr + s)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    rmask = rows < q_len
+    pos_q = seq_len - q_len + rows
+    offs_d = tl.arange(0, D)
+    kvh = h // GROUP
+    q = tl.load(q_ptr + (q0 + rows)[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=rmask[:, None],
+                other=0.0)
+    if IEEE:
+        q = q.to(tl.float32)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    if STATIC_ITERS > 0:  # CPU interpreter: fixed trip count, masked
+        for it in range(0, STATIC_ITERS):
+            m, l, acc = _prefill_tile(it * BLOCK_N, q, m, l, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_ptr, s, kvh,
+                                      scale, stride_kb, stride_ks, stride_kh, stride_bts, D, PAGE, BLOCK_N, IEEE)
+    else:
+        hi = tl.minimum(seq_len, seq_len - q_len + m0 + BLOCK_M)  # causal: no key past the tile's last row
+        for n0 in range(0, hi, BLOCK_N):
+            m, l, acc = _prefill_tile(n0, q, m, l, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_ptr, s, kvh,
+                                      scale, stride_kb, stride_ks, stride_kh, stride_bts, D, PAGE, BLOCK_N, IEEE)
+    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    tl.store(out_ptr + (q0 + rows)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+def paged_prefill(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor,
+                  seqs: list[int]) -> None:
+    """Attention for every query row of the sequences in ``seqs`` (host list) that prefill > 1 token."""
+    bm, bn = TACTICS["prefill_block_m"], TACTICS["prefill_block_n"]
+    qsl = meta.query_start_loc_cpu
+    tile_seq, tile_m = [], []
+    for i in seqs:
+        for m0 in range(0, qsl[i + 1] - qsl[i], bm):
+            tile_seq.append(i)
+            tile_m.append(m0)
+    if not tile_seq:
+        return
+    Hq, D = q.shape[1], q.shape[2]
+    group = Hq // k_cache.shape[2]
+    dev = q.device
+    ts = torch.tensor(tile_seq, dtype=torch.int32, device=dev)
+    tm = torch.tensor(tile_m, dtype=torch.int32, device=dev)
+    static = -(-meta.max_seq_len // bn) if _INTERPRET else 0
+    _prefill_kernel[(len(tile_seq), Hq)](
+        q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc, ts, tm, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), meta.block_tables.stride(0),
+        GROUP=group, D=D, PAGE=k_cache.shape[1], BLOCK_M=bm, BLOCK_N=bn, IEEE=q.dtype == torch.float32,
+        STATIC_ITERS=static, num_warps=4)
+
+
 @register("paged_attention")
 def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
@@ -186,18 +281,8 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) 
         paged_decode(q, k_cache, v_cache, meta, scale, out,
                      torch.tensor(decode, dtype=torch.int32, device=q.device))
     prefill = [i for i, ql in enumerate(q_lens) if ql > 1]
-    if prefill:  # reference path, one sequence at a time, over the same cache
-        sub = AttentionMetadata(
-            slot_mapping=meta.slot_mapping, query_start_loc=meta.query_start_loc, seq_lens=meta.seq_lens,
-            block_tables=meta.block_tables[prefill], max_query_len=meta.max_query_len,
-            max_seq_len=meta.max_seq_len,
-            query_start_loc_cpu=[0], seq_lens_cpu=[meta.seq_lens_cpu[i] for i in prefill])
-        rows = []
-        for i in prefill:
-            sub.query_start_loc_cpu.append(sub.query_start_loc_cpu[-1] + q_lens[i])
-            rows.append(torch.arange(qsl[i], qsl[i + 1], device=q.device))
-        rows_t = torch.cat(rows)
-        out[rows_t] = reference.paged_attention(q[rows_t], k_cache, v_cache, sub, scale)
+    if prefill:
+        paged_prefill(q, k_cache, v_cache, meta, scale, out, prefill)
     return out
 
 
