@@ -42,23 +42,22 @@ def test_truncated_safetensors(tiny_factory, tmp_path):
     assert_one_line_error(run("convert", "--model", bad, "-o", tmp_path / "c"), "truncated")
 
 
+def copy_with_config(src, dst, **changes):
+    """A copy of an HF model directory with some config.json fields changed."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
 def test_unsupported_model_type(tiny_factory, tmp_path):
-    hf, _ = tiny_factory("llama-gqa")
-    bad = tmp_path / "gpt2ish"
-    shutil.copytree(hf, bad)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["model_type"] = "gpt2"
-    (bad / "config.json").write_text(json.dumps(cfg))
+    bad = copy_with_config(tiny_factory("llama-gqa")[0], tmp_path / "gpt2ish", model_type="gpt2")
     assert_one_line_error(run("convert", "--model", bad, "-o", tmp_path / "c"), "unsupported model_type 'gpt2'")
 
 
 def test_sliding_window_refused(tiny_factory, tmp_path):
-    hf, _ = tiny_factory("mistral")
-    bad = tmp_path / "swa"
-    shutil.copytree(hf, bad)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["sliding_window"] = 128
-    (bad / "config.json").write_text(json.dumps(cfg))
+    bad = copy_with_config(tiny_factory("mistral")[0], tmp_path / "swa", sliding_window=128)
     assert_one_line_error(run("convert", "--model", bad, "-o", tmp_path / "c"), "sliding-window")
 
 
