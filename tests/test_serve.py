@@ -250,9 +250,25 @@ def test_openapi_fuzz_finds_no_5xx(server):
         assert r.status_code < 500, (path, body, r.text)
 
 
-def test_schemathesis_finds_no_5xx(server):
+@pytest.fixture(scope="module")
+def short_server(smol_ckpt, tmp_path_factory):
+    """SmolLM2 built with a 96-token context: fuzzed requests (n up to 128, max_tokens unbounded) then
+    finish in seconds on a CPU, so a slow generation is not mistaken for a network error."""
+    from llmc.build.builder import build
+    from llmc.config import BuildConfig
+
+    eng = build(smol_ckpt, tmp_path_factory.mktemp("smol-short") / "engine",
+                BuildConfig(max_batch_size=32, max_seq_len=96, max_num_tokens=128))
+    proc, base = start_server(eng)
+    yield base
+    assert stop_server(proc) == 0, "server did not exit cleanly on SIGTERM"
+
+
+def test_schemathesis_finds_no_5xx(short_server):
     """Schemathesis generates requests from /openapi.json; not_a_server_error fails on any 5xx."""
     import shutil
+
+    server = short_server
 
     exe = shutil.which("schemathesis") or os.path.join(os.path.dirname(sys.executable), "schemathesis")
     if not os.path.exists(exe):

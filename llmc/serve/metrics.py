@@ -1,10 +1,29 @@
-"""Prometheus exposition of the engine's metrics (names follow vLLM's ``vllm:*`` with an ``llmc:`` prefix)."""
+"""Prometheus exposition of the engine's metrics (names follow vLLM's ``vllm:*`` with an ``llmc:`` prefix).
+
+``engine_state`` copies every number in one go and must run on the engine thread (``run_sync``): the
+scheduler and block manager are not thread-safe, and a scrape must not see half a step.
+"""
 from __future__ import annotations
+
+import copy
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from llmc.runtime.metrics import Histogram
+
+
+def engine_state(engine) -> dict:
+    m, kv = engine.metrics, engine.kv
+    with m.lock:
+        hists = {k: copy.deepcopy(getattr(m, k)) for k in ("ttft", "inter_token", "e2e")}
+    state = {"snapshot": m.snapshot(), "hists": hists,
+             "running": engine.scheduler.num_running, "waiting": engine.scheduler.num_waiting,
+             "kv_usage": kv.usage, "kv_used": kv.num_used_blocks, "kv_free": kv.num_free_blocks,
+             "prefix_queries": kv.stats.prefix_queries, "prefix_hits": kv.stats.prefix_hits, "spec": None}
+    if engine.spec is not None:
+        state["spec"] = (engine.spec.stats.proposed, engine.spec.stats.accepted)
+    return state
 
 
 def _hist(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:
@@ -17,45 +36,41 @@ def _hist(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:
     return fam
 
 
-class EngineCollector:
-    def __init__(self, engine):
-        self.engine = engine
+class _StateCollector:
+    def __init__(self, state: dict):
+        self.state = state
 
     def collect(self):
-        e = self.engine
-        m = e.metrics
-        snap = m.snapshot()
-        kv = e.kv
-        yield GaugeMetricFamily("llmc:num_requests_running", "Sequences in the running batch",
-                                value=e.scheduler.num_running)
-        yield GaugeMetricFamily("llmc:num_requests_waiting", "Sequences waiting to be scheduled",
-                                value=e.scheduler.num_waiting)
-        yield GaugeMetricFamily("llmc:kv_cache_usage_perc", "Fraction of KV cache blocks in use", value=kv.usage)
-        yield GaugeMetricFamily("llmc:kv_cache_blocks_used", "KV cache blocks in use", value=kv.num_used_blocks)
-        yield GaugeMetricFamily("llmc:kv_cache_blocks_free", "KV cache blocks free or evictable",
-                                value=kv.num_free_blocks)
+        s = self.state
+        snap = s["snapshot"]
+        yield GaugeMetricFamily("llmc:num_requests_running", "Sequences in the running batch", value=s["running"])
+        yield GaugeMetricFamily("llmc:num_requests_waiting", "Sequences waiting to be scheduled", value=s["waiting"])
+        yield GaugeMetricFamily("llmc:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1)",
+                                value=s["kv_usage"])
+        yield GaugeMetricFamily("llmc:kv_cache_blocks_used", "KV cache blocks in use", value=s["kv_used"])
+        yield GaugeMetricFamily("llmc:kv_cache_blocks_free", "KV cache blocks free or evictable", value=s["kv_free"])
         yield CounterMetricFamily("llmc:prompt_tokens", "Prompt tokens received", value=snap["prompt_tokens"])
         yield CounterMetricFamily("llmc:generation_tokens", "Tokens generated", value=snap["generation_tokens"])
         yield CounterMetricFamily("llmc:prefix_cache_queries", "Tokens looked up in the prefix cache",
-                                  value=kv.stats.prefix_queries)
+                                  value=s["prefix_queries"])
         yield CounterMetricFamily("llmc:prefix_cache_hits", "Tokens found in the prefix cache",
-                                  value=kv.stats.prefix_hits)
+                                  value=s["prefix_hits"])
         yield CounterMetricFamily("llmc:num_preemptions", "Sequences preempted", value=snap["num_preemptions"])
         fin = CounterMetricFamily("llmc:request_success", "Finished requests by reason", labels=["finished_reason"])
         for reason, count in sorted(snap["requests_finished"].items()):
             fin.add_metric([reason], count)
         yield fin
-        if e.spec is not None:
-            yield CounterMetricFamily("llmc:spec_decode_num_draft_tokens", "Proposed tokens",
-                                      value=e.spec.stats.proposed)
-            yield CounterMetricFamily("llmc:spec_decode_num_accepted_tokens", "Accepted tokens",
-                                      value=e.spec.stats.accepted)
-        yield _hist("llmc:time_to_first_token_seconds", "Time to first token", m.ttft)
-        yield _hist("llmc:inter_token_latency_seconds", "Time between output tokens", m.inter_token)
-        yield _hist("llmc:e2e_request_latency_seconds", "End-to-end request latency", m.e2e)
+        if s["spec"] is not None:
+            yield CounterMetricFamily("llmc:spec_decode_num_draft_tokens", "Proposed tokens", value=s["spec"][0])
+            yield CounterMetricFamily("llmc:spec_decode_num_accepted_tokens", "Accepted tokens", value=s["spec"][1])
+        h = s["hists"]
+        yield _hist("llmc:time_to_first_token_seconds", "Time to first token", h["ttft"])
+        yield _hist("llmc:inter_token_latency_seconds", "Time between output tokens", h["inter_token"])
+        yield _hist("llmc:e2e_request_latency_seconds", "End-to-end request latency", h["e2e"])
 
 
-def metrics_text(engine) -> bytes:
+def metrics_text(state: dict) -> bytes:
+    """Prometheus text for a state taken by ``engine_state``."""
     reg = CollectorRegistry()
-    reg.register(EngineCollector(engine))
+    reg.register(_StateCollector(state))
     return generate_latest(reg)
