@@ -78,6 +78,7 @@ def build(ckpt_dir: str | Path, out: str | Path, cfg: BuildConfig | None = None,
         QuantConfig(method=quant)
         if ckpt.quant.enabled:
             raise ConfigError(f"{ckpt_dir} is already quantized ({ckpt.quant.method}); build it without --quant")
+        check_shardable(ckpt.config, True, cfg.tp_size)  # refuse tp>1 before spending time quantizing
         from llmc.convert.quantize import quantize_checkpoint
 
         with tempfile.TemporaryDirectory(prefix="llmc-quant-") as tmp:

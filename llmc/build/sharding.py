@@ -35,6 +35,8 @@ class TPLayout:
 
 
 def tp_layout(cfg: ModelConfig, rank: int, size: int) -> TPLayout:
+    """Rank ``rank``'s share, or a ConfigError naming the dimension ``size`` cannot split. KV heads split
+    only if every rank's query heads then read whole local KV heads (uniform GQA groups on each rank)."""
     hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     if hq % size:
         raise ConfigError(f"--tp-size {size} must divide num_attention_heads ({hq})")
@@ -86,6 +88,8 @@ def shard_tensor(name: str, t: torch.Tensor, cfg: ModelConfig, lay: TPLayout) ->
 
 
 def check_shardable(cfg: ModelConfig, quantized: bool, size: int) -> None:
+    """Refuse at build time what cannot be sharded: quantized layouts (packed int4 along the input dim,
+    per-group scales, AWQ/SmoothQuant input scales shared across a fused group) are not split yet."""
     if size > 1 and quantized:
         raise ConfigError("tensor parallelism of quantized engines is not supported yet; build with --tp-size 1 "
                           "or from an unquantized checkpoint")

@@ -90,7 +90,7 @@ class LLMEngine:
             from llmc.distributed.executor import TPExecutor
 
             self.runner = TPExecutor(self.engine, device, dtype, num_kv_blocks, gpu_memory_utilization,
-                                     kv_cache_bytes, show_progress)
+                                     kv_cache_bytes, show_progress, cuda_graph_batch_sizes)
         else:
             self.runner = ModelRunner(self.engine, device, dtype, num_kv_blocks, gpu_memory_utilization,
                                       kv_cache_bytes, show_progress, cuda_graph_batch_sizes)
