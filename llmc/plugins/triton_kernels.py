@@ -1,20 +1,30 @@
-"""Triton kernels for CUDA (also runnable on the CPU under ``TRITON_INTERPRET=1`` for tests).
+"""Triton kernels for the CUDA path of ``plugins/ops.py`` (same signatures as ``reference.py``).
 
-- ``write_kv``: scatter new K/V rows into their cache slots; slot -1 (CUDA-graph padding) is skipped
-  without any host-side masking, so it is graph-safe.
-- ``paged_attention``: decode rows (one query token) go to a flash-decoding kernel: one program per
-  (sequence, KV head, split) serves the whole query group of that KV head (GQA: K/V read once per group),
-  walks its slice of the context through the block table in tiles of ``BLOCK_N`` tokens with an online
-  softmax, and a second kernel merges the splits. Splitting the context keeps the GPU full when a batch
-  has few, long sequences. Grid sizes depend only on host ints (batch size, ``max_seq_len``), so the
-  decode path can be captured in a CUDA graph. Rows of sequences that prefill more than one token go to a
-  flash-attention-style varlen kernel: one program per (tile of 64 query rows, query head) walks the paged
-  context with ``tl.dot`` tiles and a causal mask by position (cached prefixes and chunked prefill included).
+Runs on the CPU too under ``TRITON_INTERPRET=1`` (tests). Every launch takes its grid from host ints
+(``meta.max_seq_len``, ``meta.num_seqs``, tensor shapes, the host list ``query_start_loc_cpu``) and reads
+all per-sequence data on the device, so no call syncs the host with the GPU; the decode-only path builds no
+host tensors at all and can be captured in a CUDA graph.
 
-Tunables live in ``TACTICS`` so ``llmc build --device cuda`` can time variants and store the winners.
+- ``write_kv``: one program per new token scatters its K/V rows to its slot; slot -1 is masked off in the
+  kernel (CUDA-graph padding), never filtered on the host.
+- ``paged_attention``:
+  * decode rows (one query token): flash-decoding. One program per (sequence, KV head, split) serves the
+    whole query group of that KV head, so K/V is read once per group (GQA), walks its share of the context
+    through the block table, and keeps an online softmax. Splitting the context keeps 132 SMs busy when a
+    batch has few, long sequences; a second kernel merges the partial (max, sum, acc) of the splits.
+  * sequences with more than one new token (prefill, chunked prefill, mixed batches): flash attention over
+    query tiles. The grid is (an upper bound on the query tiles of all sequences, query heads); each program
+    finds its sequence by binary search on ``query_start_loc`` (no host tile list), walks the keys fully
+    visible to all its rows without a mask, then the diagonal tiles with a causal mask by position.
+- ``rms_norm``, ``fused_add_rms_norm``, ``silu_and_mul``, ``rotary_embedding``: one program per row/token,
+  fp32 math, results rounded once as in the references.
+
+Block sizes come from ``TACTICS`` (module level) so a build-time autotuner can time variants and store
+the winners; ``0`` in a ``*_num_splits`` entry means "use the heuristic".
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -25,295 +35,463 @@ from llmc.plugins.metadata import AttentionMetadata
 from llmc.plugins.ops import register
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = 1.4426950408889634
 
-TACTICS: dict[str, int] = {"decode_block_n": 64, "decode_num_warps": 4, "decode_target_programs": 264,
-                           "decode_min_tokens_per_split": 256, "prefill_block_m": 64, "prefill_block_n": 64}
+TACTICS: dict[str, int] = {
+    # decode (flash-decoding)
+    # H100 sweep, batch 64 x 4096 bf16: 1.43 ms = the device copy bandwidth; without tl.dot 2.1 ms
+    "decode_block_n": 64,            # context tokens per inner tile
+    "decode_num_warps": 4,
+    "decode_num_stages": 2,          # software-pipelining depth of the K/V loads
+    "decode_use_dot": 1,             # tl.dot on the (padded to 16) query group, else broadcast-multiply
+    "decode_num_splits": 0,          # 0: heuristic below; >0: force
+    "decode_target_programs": 528,   # ~4 programs per SM of an H100 (132 SMs)
+    "decode_min_split_tokens": 128,  # never split finer than this many context tokens
+    "decode_max_splits": 64,
+    # prefill / mixed (flash attention over query tiles); H100 sweep, 8 x 2048 bf16: 64/64/4/3 and
+    # 128/32/4/3 tie at 0.94 ms (flash SDPA 0.91 ms), 128/64/8/3 1.04 ms; the smaller tile fills more SMs
+    "prefill_block_m": 64,
+    "prefill_block_n": 64,
+    "prefill_num_warps": 4,
+    "prefill_num_stages": 3,
+    # small ops
+    "small_num_warps": 4,
+}
 
 
+def _fix_interpreter_scalar_index() -> None:
+    """Triton 3.6's interpreter turns a scalar (a 1-element numpy array) into a loop bound with ``int()``,
+    which numpy >= 2.3 refuses for 1-d arrays; data-dependent loop bounds then fail under the interpreter.
+    Take the single element instead (interpreter only: compiled kernels are untouched)."""
+    try:
+        from triton.runtime import interpreter as ti
+    except ImportError:  # pragma: no cover
+        return
+    orig = getattr(ti, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_llmc_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._llmc_fixed = True
+    ti._patch_lang_tensor = patched
+
+
+if _INTERPRET:
+    _fix_interpreter_scalar_index()
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+_SMEM_BUDGET = 192 * 1024  # of an H100's 227 KiB per block: headroom for Triton's layout conversions
+
+
+def _fit_tiles(rows: int, bn: int, stages: int, d: int, esize: int) -> tuple[int, int, int]:
+    """Shrink (pipeline depth, then BLOCK_N, then the query rows) until ``stages`` K/V tiles plus the query
+    tile fit in shared memory; the defaults are sized for bf16 at head_dim 128, and fp32 or head_dim 256
+    would otherwise fail to compile ("out of resources")."""
+    while stages * 2 * bn * d * esize + rows * d * esize > _SMEM_BUDGET:
+        if stages > 2:
+            stages -= 1
+        elif bn > 16:
+            bn //= 2
+        elif rows > 16:
+            rows //= 2
+        else:
+            break
+    return rows, bn, stages
+
+
+# ============================================================================ write_kv
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, stride_kt, stride_vt,
-                     ROW: tl.constexpr, ROW_PAD: tl.constexpr):
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                     PAGE: tl.constexpr, H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr,
+                     D_PAD: tl.constexpr):
     t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t)
-    if slot >= 0:
-        offs = tl.arange(0, ROW_PAD)
-        mask = offs < ROW
-        k = tl.load(k_ptr + t * stride_kt + offs, mask=mask)
-        v = tl.load(v_ptr + t * stride_vt + offs, mask=mask)
-        tl.store(kc_ptr + slot * ROW + offs, k.to(kc_ptr.dtype.element_ty), mask=mask)
-        tl.store(vc_ptr + slot * ROW + offs, v.to(vc_ptr.dtype.element_ty), mask=mask)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    blk = slot // PAGE
+    row = slot % PAGE
+    offs_h = tl.arange(0, H_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    mask = (offs_h[:, None] < H) & (offs_d[None, :] < D) & (slot >= 0)
+    tt = t.to(tl.int64)
+    k = tl.load(k_ptr + tt * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+    v = tl.load(v_ptr + tt * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    kdst = kc_ptr + blk * stride_kcb + row * stride_kcs + offs_h[:, None] * stride_kch + offs_d[None, :]
+    vdst = vc_ptr + blk * stride_vcb + row * stride_vcs + offs_h[:, None] * stride_vch + offs_d[None, :]
+    tl.store(kdst, k.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vdst, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def _last_dim_contig(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 @register("write_kv")
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """Scatter ``k, v [T, Hkv, D]`` (strided views of a fused qkv are fine) into the paged caches."""
     T, H, D = k.shape
     if T == 0:
         return
-    assert k.stride(2) == 1 and k.stride(1) == D and v.stride(2) == 1 and v.stride(1) == D
-    assert k_cache.is_contiguous() and v_cache.is_contiguous()
-    row = H * D
-    _write_kv_kernel[(T,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
-                           ROW=row, ROW_PAD=triton.next_power_of_2(row))
+    assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    k, v = _last_dim_contig(k), _last_dim_contig(v)
+    _write_kv_kernel[(T,)](
+        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), PAGE=k_cache.shape[1], H=H, H_PAD=_pow2(H), D=D, D_PAD=_pow2(D),
+        num_warps=TACTICS["small_num_warps"])
 
 
+# ============================================================================ decode attention
 @triton.jit
-def _decode_tile(n0, end, q, m, l, acc, kc_ptr, vc_ptr, bt_ptr, s, kvh, scale, stride_kb, stride_ks, stride_kh,
-                 stride_bts, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One tile of BLOCK_N context tokens (gathered through the block table) folded into (m, l, acc)."""
-    offs_d = tl.arange(0, D)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    nmask = offs_n < end
-    blk = tl.load(bt_ptr + s * stride_bts + offs_n // PAGE, mask=nmask, other=0)
-    base = blk.to(tl.int64) * stride_kb + (offs_n % PAGE) * stride_ks + kvh * stride_kh
-    k = tl.load(kc_ptr + base[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-    v = tl.load(vc_ptr + base[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-    scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [GROUP_PAD, BLOCK_N]
-    scores = tl.where(nmask[None, :], scores, float("-inf"))
-    m_new = tl.maximum(m, tl.max(scores, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(scores - m_safe[:, None])
-    alpha = tl.exp(m - m_safe)
-    l = l * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-    return m_new, l, acc
-
-
-@triton.jit
-def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seqlen_ptr, qrow_ptr, seqidx_ptr,
-                   m_ptr, l_ptr, acc_ptr, scale,
-                   stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bts,
-                   NSPLIT: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_Q_HEADS: tl.constexpr,
-                   STATIC_ITERS: tl.constexpr):
-    i = tl.program_id(0)  # which decode sequence
+def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr,
+                   bt_ptr, seqlen_ptr, qsl_ptr, qk_scale, num_splits,
+                   stride_qt, stride_qh, stride_ot, stride_oh,
+                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                   NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
+                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DECODE_ONLY: tl.constexpr,
+                   SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """One (sequence, KV head, split): the query group of that KV head against one slice of the context.
+    Scores live in the log2 domain (``qk_scale`` includes log2(e)) so the softmax uses exp2."""
+    s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    s = tl.load(seqidx_ptr + i)
-    row = tl.load(qrow_ptr + s)
+    if DECODE_ONLY:
+        row = s
+        valid = True
+    else:  # mixed batch: only sequences with exactly one new token are ours
+        row = tl.load(qsl_ptr + s)
+        valid = (tl.load(qsl_ptr + s + 1) - row) == 1
     seq_len = tl.load(seqlen_ptr + s)
-    chunk = tl.cdiv(tl.cdiv(seq_len, NSPLIT), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, seq_len)
+    end = tl.where(valid, end, start)  # not ours: empty loop, masked stores
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, D)
     gmask = offs_g < GROUP
     heads = kvh * GROUP + offs_g
-    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=gmask[:, None], other=0.0).to(tl.float32)
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, D], tl.float32)
-    if STATIC_ITERS > 0:  # the CPU interpreter cannot loop to a loaded bound: fixed trip count, masked
-        for it in range(0, STATIC_ITERS):
-            m, l, acc = _decode_tile(start + it * BLOCK_N, end, q, m, l, acc, kc_ptr, vc_ptr, bt_ptr, s, kvh,
-                                     scale, stride_kb, stride_ks, stride_kh, stride_bts, D, PAGE, BLOCK_N)
+    q = tl.load(q_ptr + row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=gmask[:, None], other=0.0)
+    if IEEE:
+        q = q.to(tl.float32)
     else:
-        for n0 in range(start, start + chunk, BLOCK_N):
-            m, l, acc = _decode_tile(n0, end, q, m, l, acc, kc_ptr, vc_ptr, bt_ptr, s, kvh,
-                                     scale, stride_kb, stride_ks, stride_kh, stride_bts, D, PAGE, BLOCK_N)
-    ws = (i * NUM_Q_HEADS + heads) * NSPLIT + split
-    tl.store(m_ptr + ws, m, mask=gmask)
-    tl.store(l_ptr + ws, l, mask=gmask)
-    tl.store(acc_ptr + ws[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
+        q = q.to(kc_ptr.dtype.element_ty)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    bt_row = bt_ptr + s.to(tl.int64) * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < end
+        blk = tl.load(bt_row + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
+        koff = blk * stride_kb + (offs_n % PAGE) * stride_ks + kvh * stride_kh
+        voff = blk * stride_vb + (offs_n % PAGE) * stride_vs + kvh * stride_vh
+        k = tl.load(kc_ptr + koff[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(vc_ptr + voff[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        if IEEE:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if USE_DOT:
+            if IEEE:
+                qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(k))
+        else:
+            qk = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        qk = tl.where(nmask[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))  # finite: every tile has >= 1 visible key
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if USE_DOT:
+            if IEEE:
+                pv = tl.dot(p, v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+        else:
+            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    smask = gmask & valid
+    if SPLIT:
+        ws = (s * NUM_Q_HEADS + heads).to(tl.int64) * num_splits + split
+        tl.store(ws_m_ptr + ws, m_i, mask=smask)
+        tl.store(ws_l_ptr + ws, l_i, mask=smask)
+        tl.store(ws_acc_ptr + ws[:, None] * D + offs_d[None, :], acc, mask=smask[:, None])
+    else:
+        o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=smask[:, None])
 
 
 @triton.jit
-def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, qrow_ptr, seqidx_ptr, stride_ot, stride_oh,
-                  NSPLIT: tl.constexpr, NSPLIT_PAD: tl.constexpr, D: tl.constexpr, NUM_Q_HEADS: tl.constexpr):
-    i = tl.program_id(0)
+def _decode_merge_kernel(ws_m_ptr, ws_l_ptr, ws_acc_ptr, out_ptr, qsl_ptr, num_splits, stride_ot, stride_oh,
+                         NUM_Q_HEADS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr,
+                         DECODE_ONLY: tl.constexpr):
+    """Combine the splits of one (sequence, query head): rescale each partial by exp2(m_split - m_max)."""
+    s = tl.program_id(0)
     h = tl.program_id(1)
-    s = tl.load(seqidx_ptr + i)
-    row = tl.load(qrow_ptr + s)
-    offs = tl.arange(0, NSPLIT_PAD)
-    smask = offs < NSPLIT
-    base = (i * NUM_Q_HEADS + h) * NSPLIT
-    m = tl.load(m_ptr + base + offs, mask=smask, other=float("-inf"))
-    l = tl.load(l_ptr + base + offs, mask=smask, other=0.0)
+    if DECODE_ONLY:
+        row = s
+        valid = True
+    else:
+        row = tl.load(qsl_ptr + s)
+        valid = (tl.load(qsl_ptr + s + 1) - row) == 1
+    offs = tl.arange(0, SPLITS_PAD)
+    smask = (offs < num_splits) & valid
+    base = (s * NUM_Q_HEADS + h).to(tl.int64) * num_splits
+    m = tl.load(ws_m_ptr + base + offs, mask=smask, other=float("-inf"))
+    l = tl.load(ws_l_ptr + base + offs, mask=smask, other=0.0)
     m_max = tl.max(m, axis=0)
-    w = tl.where(smask & (m > float("-inf")), tl.exp(m - m_max), 0.0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # no split saw a key (not ours): avoid inf - inf
+    w = tl.where(m > float("-inf"), tl.exp2(m - m_max), 0.0)  # empty splits (m = -inf) weigh nothing
     offs_d = tl.arange(0, D)
-    acc = tl.load(acc_ptr + (base + offs)[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
-    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-    tl.store(out_ptr + row * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+    acc = tl.load(ws_acc_ptr + (base + offs)[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
+    denom = tl.sum(l * w, axis=0)
+    o = tl.sum(acc * w[:, None], axis=0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(out_ptr + row.to(tl.int64) * stride_ot + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty),
+             mask=(offs_d < D) & valid)
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int:
-    """Enough splits to give the GPU ~TACTICS['decode_target_programs'] programs, never splits shorter
-    than TACTICS['decode_min_tokens_per_split'] tokens."""
+    """Splits per sequence: enough (sequence, KV head, split) programs to fill the GPU
+    (``decode_target_programs``), but no split shorter than ``decode_min_split_tokens``."""
+    if TACTICS["decode_num_splits"] > 0:
+        return TACTICS["decode_num_splits"]
     want = -(-TACTICS["decode_target_programs"] // max(num_seqs * num_kv_heads, 1))
-    cap = max(1, max_seq_len // TACTICS["decode_min_tokens_per_split"])
-    return max(1, min(want, cap))
+    cap = max(1, max_seq_len // TACTICS["decode_min_split_tokens"])
+    return max(1, min(want, cap, TACTICS["decode_max_splits"]))
+
+
+def _compute_mode(q: torch.Tensor, cache: torch.Tensor) -> bool:
+    """IEEE fp32 dots when either side is fp32 (tf32 would miss fp32 tolerances), else 16-bit tensor cores
+    in the cache's dtype. The Triton 3.6 interpreter multiplies bf16 dot operands as raw bits, so under it
+    bf16 takes the fp32 path too (the 16-bit dots are exercised on the GPU only)."""
+    if _INTERPRET and torch.bfloat16 in (q.dtype, cache.dtype):
+        return True
+    return q.dtype == torch.float32 or cache.dtype == torch.float32
 
 
 def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor,
-                 seq_idx: torch.Tensor, num_splits: int | None = None) -> None:
-    """Attention for the single query row of each sequence in ``seq_idx`` (device int32 tensor)."""
-    n = seq_idx.shape[0]
-    if n == 0:
-        return
+                 decode_only: bool = True, num_splits: int | None = None) -> None:
+    """Write ``out`` for every sequence with one new token (all of them when ``decode_only``)."""
+    S = meta.num_seqs
     Hq, D = q.shape[1], q.shape[2]
     Hkv, page = k_cache.shape[2], k_cache.shape[1]
     group = Hq // Hkv
-    nsplit = num_splits or decode_num_splits(n, Hkv, meta.max_seq_len)
-    block_n = TACTICS["decode_block_n"]
-    m = torch.empty((n, Hq, nsplit), dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
-    acc = torch.empty((n, Hq, nsplit, D), dtype=torch.float32, device=q.device)
-    _decode_kernel[(n, Hkv, nsplit)](
-        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc, seq_idx, m, l, acc, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        meta.block_tables.stride(0),
-        NSPLIT=nsplit, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1), D=D, PAGE=page,
-        BLOCK_N=block_n, NUM_Q_HEADS=Hq, num_warps=TACTICS["decode_num_warps"],
-        STATIC_ITERS=-(-(-(-meta.max_seq_len // nsplit)) // block_n) if _INTERPRET else 0)
-    _merge_kernel[(n, Hq)](m, l, acc, out, meta.query_start_loc, seq_idx, out.stride(0), out.stride(1),
-                           NSPLIT=nsplit, NSPLIT_PAD=triton.next_power_of_2(nsplit), D=D, NUM_Q_HEADS=Hq)
+    nsplit = num_splits or decode_num_splits(S, Hkv, meta.max_seq_len)
+    use_dot = bool(TACTICS["decode_use_dot"])
+    gpad = max(16, _pow2(group)) if use_dot else _pow2(group)
+    esize = 4 if _compute_mode(q, k_cache) else k_cache.element_size()
+    _, block_n, stages = _fit_tiles(gpad, TACTICS["decode_block_n"], TACTICS["decode_num_stages"], D, esize)
+    if nsplit > 1:
+        ws_m = torch.empty((S, Hq, nsplit), dtype=torch.float32, device=q.device)
+        ws_l = torch.empty_like(ws_m)
+        ws_acc = torch.empty((S, Hq, nsplit, D), dtype=torch.float32, device=q.device)
+    else:
+        ws_m = ws_l = ws_acc = out  # unused
+    _decode_kernel[(S, Hkv, nsplit)](
+        q, k_cache, v_cache, out, ws_m, ws_l, ws_acc, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+        scale * _LOG2E, nsplit, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), meta.block_tables.stride(0),
+        NUM_Q_HEADS=Hq, GROUP=group, GROUP_PAD=gpad, D=D, PAGE=page, BLOCK_N=block_n,
+        DECODE_ONLY=decode_only, SPLIT=nsplit > 1, USE_DOT=use_dot, IEEE=_compute_mode(q, k_cache),
+        num_warps=TACTICS["decode_num_warps"], num_stages=stages)
+    if nsplit > 1:
+        _decode_merge_kernel[(S, Hq)](
+            ws_m, ws_l, ws_acc, out, meta.query_start_loc, nsplit, out.stride(0), out.stride(1),
+            NUM_Q_HEADS=Hq, SPLITS_PAD=_pow2(nsplit), D=D, DECODE_ONLY=decode_only, num_warps=4)
 
 
+# ============================================================================ prefill / mixed attention
 @triton.jit
-def _prefill_tile(n0, q, m, l, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_ptr, s, kvh, scale,
-                  stride_kb, stride_ks, stride_kh, stride_bts,
-                  D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+def _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, kvh, qk_scale,
+                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                  D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                  IEEE: tl.constexpr):
+    """Fold keys ``n0 .. n0 + BLOCK_N`` (gathered through the block table) into the online softmax.
+    Unmasked tiles lie entirely below every row's position, so they skip both the bounds and causal mask."""
     offs_d = tl.arange(0, D)
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    nmask = offs_n < seq_len
-    blk = tl.load(bt_ptr + s * stride_bts + offs_n // PAGE, mask=nmask, other=0)
-    base = blk.to(tl.int64) * stride_kb + (offs_n % PAGE) * stride_ks + kvh * stride_kh
-    k = tl.load(kc_ptr + base[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
-    v = tl.load(vc_ptr + base[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
-    if IEEE:
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    if MASKED:
+        nmask = offs_n < seq_len
+        blk = tl.load(bt_row + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
     else:
-        scores = tl.dot(q, tl.trans(k)) * scale
-    ok = (offs_n[None, :] <= pos_q[:, None]) & nmask[None, :]
-    scores = tl.where(ok, scores, float("-inf"))
-    m_new = tl.maximum(m, tl.max(scores, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp(scores - m_safe[:, None])
-    alpha = tl.exp(m - m_safe)
-    l = l * alpha + tl.sum(p, axis=1)
+        blk = tl.load(bt_row + offs_n // PAGE).to(tl.int64)
+    koff = blk * stride_kb + (offs_n % PAGE) * stride_ks + kvh * stride_kh
+    voff = blk * stride_vb + (offs_n % PAGE) * stride_vs + kvh * stride_vh
+    if MASKED:
+        k = tl.load(kc_ptr + koff[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(vc_ptr + voff[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+    else:
+        k = tl.load(kc_ptr + koff[:, None] + offs_d[None, :])
+        v = tl.load(vc_ptr + voff[:, None] + offs_d[None, :])
+    if IEEE:
+        qk = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * qk_scale
+    else:
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+    if MASKED:
+        ok = (offs_n[None, :] <= pos_q[:, None]) & nmask[None, :]
+        qk = tl.where(ok, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_use = m_new
+    p = tl.exp2(qk - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
     if IEEE:
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l, acc
+    return m_new, l_i, acc
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seqlen_ptr, qsl_ptr, tile_seq_ptr, tile_m_ptr, scale,
-                    stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_ks, stride_kh, stride_bts,
+def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seqlen_ptr, qsl_ptr, qk_scale, num_seqs, num_tiles,
+                    stride_qt, stride_qh, stride_ot, stride_oh,
+                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
                     GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, IEEE: tl.constexpr, STATIC_ITERS: tl.constexpr):
-    """Causal varlen attention for one tile of BLOCK_M query rows of one sequence and one query head,
-    over that sequence's whole paged context (cached prefix + the new rows, already written)."""
-    t = tl.program_id(0)
+                    BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr, SKIP_DECODE: tl.constexpr,
+                    IEEE: tl.constexpr):
+    """BLOCK_M query rows of one sequence x one query head, over that sequence's paged context.
+
+    Sequence ``s`` owns tiles ``qsl[s] // BLOCK_M + s ...`` (at least ceil(q_len / BLOCK_M) of them, the
+    surplus exits), so ``num_tiles = T // BLOCK_M + S`` bounds the grid from host ints. Tiles run in
+    reverse so each sequence's heaviest (last) tiles start first."""
+    tile = num_tiles - 1 - tl.program_id(0)
     h = tl.program_id(1)
-    s = tl.load(tile_seq_ptr + t)
-    m0 = tl.load(tile_m_ptr + t)
+    lo = tl.program_id(0) * 0  # int32 scalar; binary search for the last s with start(s) <= tile
+    hi = lo + num_seqs
+    for _ in range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        take = tl.load(qsl_ptr + mid) // BLOCK_M + mid <= tile
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid)
+    s = lo
     q0 = tl.load(qsl_ptr + s)
     q_len = tl.load(qsl_ptr + s + 1) - q0
+    m0 = (tile - (q0 // BLOCK_M + s)) * BLOCK_M
+    valid = m0 < q_len
+    if SKIP_DECODE:  # one-token rows of a mixed batch went to the decode kernel
+        valid = valid & (q_len > 1)
     seq_len = tl.load(seqlen_ptr + s)
+    ctx0 = seq_len - q_len  # cached prefix length
     rows = m0 + tl.arange(0, BLOCK_M)
-    rmask = rows < q_len
-    pos_q = seq_len - q_len + rows
+    rmask = (rows < q_len) & valid
+    pos_q = ctx0 + rows
     offs_d = tl.arange(0, D)
     kvh = h // GROUP
-    q = tl.load(q_ptr + (q0 + rows)[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=rmask[:, None],
-                other=0.0)
+    q = tl.load(q_ptr + (q0 + rows).to(tl.int64)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=rmask[:, None], other=0.0)
     if IEEE:
         q = q.to(tl.float32)
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    if STATIC_ITERS > 0:  # CPU interpreter: fixed trip count, masked
-        for it in range(0, STATIC_ITERS):
-            m, l, acc = _prefill_tile(it * BLOCK_N, q, m, l, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_ptr, s, kvh,
-                                      scale, stride_kb, stride_ks, stride_kh, stride_bts, D, PAGE, BLOCK_N, IEEE)
     else:
-        hi = tl.minimum(seq_len, seq_len - q_len + m0 + BLOCK_M)  # causal: no key past the tile's last row
-        for n0 in range(0, hi, BLOCK_N):
-            m, l, acc = _prefill_tile(n0, q, m, l, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_ptr, s, kvh,
-                                      scale, stride_kb, stride_ks, stride_kh, stride_bts, D, PAGE, BLOCK_N, IEEE)
-    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
-    tl.store(out_ptr + (q0 + rows)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+        q = q.to(kc_ptr.dtype.element_ty)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    bt_row = bt_ptr + s.to(tl.int64) * stride_bt
+    # keys [0, full_end) are visible to every row of the tile; [full_end, diag_end) need the causal mask
+    full_end = ((ctx0 + m0 + 1) // BLOCK_N) * BLOCK_N
+    diag_end = tl.minimum(seq_len, ctx0 + m0 + BLOCK_M)
+    full_end = tl.where(valid, full_end, 0)
+    diag_end = tl.where(valid, diag_end, 0)
+    for n0 in range(0, full_end, BLOCK_N):
+        m_i, l_i, acc = _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, kvh, qk_scale,
+                                      stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                      D, PAGE, BLOCK_N, False, IEEE)
+    for n0 in range(full_end, diag_end, BLOCK_N):
+        m_i, l_i, acc = _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, kvh, qk_scale,
+                                      stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                      D, PAGE, BLOCK_N, True, IEEE)
+    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + (q0 + rows).to(tl.int64)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
 def paged_prefill(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor,
-                  seqs: list[int]) -> None:
-    """Attention for every query row of the sequences in ``seqs`` (host list) that prefill > 1 token."""
-    bm, bn = TACTICS["prefill_block_m"], TACTICS["prefill_block_n"]
-    qsl = meta.query_start_loc_cpu
-    tile_seq, tile_m = [], []
-    for i in seqs:
-        for m0 in range(0, qsl[i + 1] - qsl[i], bm):
-            tile_seq.append(i)
-            tile_m.append(m0)
-    if not tile_seq:
-        return
-    Hq, D = q.shape[1], q.shape[2]
-    group = Hq // k_cache.shape[2]
-    dev = q.device
-    ts = torch.tensor(tile_seq, dtype=torch.int32, device=dev)
-    tm = torch.tensor(tile_m, dtype=torch.int32, device=dev)
-    static = -(-meta.max_seq_len // bn) if _INTERPRET else 0
-    _prefill_kernel[(len(tile_seq), Hq)](
-        q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc, ts, tm, scale,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), meta.block_tables.stride(0),
-        GROUP=group, D=D, PAGE=k_cache.shape[1], BLOCK_M=bm, BLOCK_N=bn, IEEE=q.dtype == torch.float32,
-        STATIC_ITERS=static, num_warps=4)
+                  skip_decode: bool) -> None:
+    """Write ``out`` for every sequence with more than one new token (and, unless ``skip_decode``, the
+    one-token ones too)."""
+    T, Hq, D = q.shape
+    S = meta.num_seqs
+    ieee = _compute_mode(q, k_cache)
+    bm, bn, stages = _fit_tiles(TACTICS["prefill_block_m"], TACTICS["prefill_block_n"],
+                                TACTICS["prefill_num_stages"], D, 4 if ieee else k_cache.element_size())
+    num_tiles = T // bm + S
+    _prefill_kernel[(num_tiles, Hq)](
+        q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale * _LOG2E,
+        S, num_tiles, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), meta.block_tables.stride(0),
+        GROUP=Hq // k_cache.shape[2], D=D, PAGE=k_cache.shape[1], BLOCK_M=bm, BLOCK_N=bn,
+        SEARCH_STEPS=max(1, math.ceil(math.log2(S))), SKIP_DECODE=skip_decode, IEEE=ieee,
+        num_warps=TACTICS["prefill_num_warps"], num_stages=stages)
 
 
 @register("paged_attention")
 def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    assert q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    """Causal attention of ``q [T, Hq, D]`` over each sequence's paged context (see ``reference.py``)."""
+    T, Hq, D = q.shape
+    assert D & (D - 1) == 0 and 16 <= D <= 256, "head_dim must be a power of two in 16..256"
+    assert Hq % k_cache.shape[2] == 0 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    q = _last_dim_contig(q)
     out = torch.empty_like(q)
-    if meta.is_decode_only:
-        idx = torch.arange(meta.num_seqs, dtype=torch.int32, device=q.device)
-        paged_decode(q, k_cache, v_cache, meta, scale, out, idx)
+    if T == 0 or meta.num_seqs == 0:
+        return out
+    if meta.max_query_len == 1:
+        paged_decode(q, k_cache, v_cache, meta, scale, out, decode_only=True)
         return out
     qsl = meta.query_start_loc_cpu
-    q_lens = [qsl[i + 1] - qsl[i] for i in range(meta.num_seqs)]
-    decode = [i for i, ql in enumerate(q_lens) if ql == 1]
-    if decode:
-        paged_decode(q, k_cache, v_cache, meta, scale, out,
-                     torch.tensor(decode, dtype=torch.int32, device=q.device))
-    prefill = [i for i, ql in enumerate(q_lens) if ql > 1]
-    if prefill:
-        paged_prefill(q, k_cache, v_cache, meta, scale, out, prefill)
+    has_decode = any(qsl[i + 1] - qsl[i] == 1 for i in range(meta.num_seqs))
+    if has_decode:  # one-token rows: flash-decoding (GQA-shared K/V reads) instead of a 1-row tile
+        paged_decode(q, k_cache, v_cache, meta, scale, out, decode_only=False)
+    paged_prefill(q, k_cache, v_cache, meta, scale, out, skip_decode=has_decode)
     return out
 
 
-# ---------------------------------------------------------------------------- fused small ops
+# ============================================================================ fused small ops
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, eps, stride_x, stride_r, stride_o,
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, eps, stride_x, stride_r,
                      N: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         x = x + tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(res_out_ptr + row * N + offs, x.to(res_out_ptr.dtype.element_ty), mask=mask)
-        x = x.to(res_out_ptr.dtype.element_ty).to(tl.float32)  # normalise the rounded sum, as the reference
+        x = x.to(res_out_ptr.dtype.element_ty)  # the reference normalises the rounded sum
+        tl.store(res_out_ptr + row * N + offs, x, mask=mask)
+        x = x.to(tl.float32)
     var = tl.sum(x * x, axis=0) / N
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     y = x * tl.rsqrt(var + eps) * w
-    tl.store(out_ptr + row * stride_o + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * N + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _rms(x, residual, weight, eps):
     N = x.shape[-1]
-    x2 = x.reshape(-1, N)
-    out = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
+    x2 = _last_dim_contig(x.reshape(-1, N))
+    rows = x2.shape[0]
+    out = torch.empty((rows, N), dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(out) if residual is not None else out
-    r2 = residual.reshape(-1, N) if residual is not None else x2
-    if x2.shape[0]:
-        _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, res_out, eps, x2.stride(0), r2.stride(0), N,
-                                         N=N, BLOCK=triton.next_power_of_2(N), HAS_RES=residual is not None,
-                                         num_warps=4 if N <= 4096 else 8)
+    r2 = _last_dim_contig(residual.reshape(-1, N)) if residual is not None else x2
+    if rows:
+        block = _pow2(N)
+        _rms_norm_kernel[(rows,)](x2, r2, weight, out, res_out, eps, x2.stride(0), r2.stride(0),
+                                  N=N, BLOCK=block, HAS_RES=residual is not None,
+                                  num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16))
     return out.view(x.shape), res_out.view(x.shape)
 
 
@@ -324,12 +502,13 @@ def rms_norm(x, weight, eps: float) -> torch.Tensor:
 
 @register("fused_add_rms_norm")
 def fused_add_rms_norm(x, residual, weight, eps: float):
+    """Returns ``(rms_norm(x + residual), x + residual)`` as new tensors (one read of each input)."""
     return _rms(x, residual, weight, eps)
 
 
 @triton.jit
 def _silu_mul_kernel(x_ptr, out_ptr, stride_x, I: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I
     g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
@@ -340,44 +519,58 @@ def _silu_mul_kernel(x_ptr, out_ptr, stride_x, I: tl.constexpr, BLOCK: tl.conste
 
 @register("silu_and_mul")
 def silu_and_mul(x) -> torch.Tensor:
+    """SwiGLU on ``[..., 2 * I]`` (gate first)."""
     I = x.shape[-1] // 2
-    x2 = x.reshape(-1, 2 * I)
+    x2 = _last_dim_contig(x.reshape(-1, 2 * I))
     out = torch.empty((x2.shape[0], I), dtype=x.dtype, device=x.device)
-    block = 1024
+    block = min(1024, _pow2(I))
     if x2.shape[0]:
-        _silu_mul_kernel[(x2.shape[0], triton.cdiv(I, block))](x2, out, x2.stride(0), I=I, BLOCK=block)
+        _silu_mul_kernel[(x2.shape[0], triton.cdiv(I, block))](x2, out, x2.stride(0), I=I, BLOCK=block,
+                                                               num_warps=TACTICS["small_num_warps"])
     return out.view(*x.shape[:-1], I)
 
 
 @triton.jit
-def _rope_kernel(pos_ptr, x_ptr, out_ptr, cs_ptr, stride_xt, stride_xh, stride_cs, H: tl.constexpr,
-                 H_PAD: tl.constexpr, HALF: tl.constexpr):
-    t = tl.program_id(0)
-    pos = tl.load(pos_ptr + t)
+def _rope_heads(x_ptr, o_ptr, t, cos, sin, stride_xt, stride_xh, H: tl.constexpr, H_PAD: tl.constexpr,
+                HALF: tl.constexpr):
     offs_h = tl.arange(0, H_PAD)
     offs_d = tl.arange(0, HALF)
-    hmask = offs_h < H
+    hmask = offs_h[:, None] < H
+    src = x_ptr + t * stride_xt + offs_h[:, None] * stride_xh + offs_d[None, :]
+    x1 = tl.load(src, mask=hmask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=hmask, other=0.0).to(tl.float32)
+    dst = o_ptr + t * (H * 2 * HALF) + offs_h[:, None] * (2 * HALF) + offs_d[None, :]
+    ty = o_ptr.dtype.element_ty
+    tl.store(dst, (x1 * cos[None, :] - x2 * sin[None, :]).to(ty), mask=hmask)
+    tl.store(dst + HALF, (x2 * cos[None, :] + x1 * sin[None, :]).to(ty), mask=hmask)
+
+
+@triton.jit
+def _rope_kernel(pos_ptr, q_ptr, k_ptr, qo_ptr, ko_ptr, cs_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                 stride_cs, HQ: tl.constexpr, HQ_PAD: tl.constexpr, HK: tl.constexpr, HK_PAD: tl.constexpr,
+                 HALF: tl.constexpr):
+    """One token: rotate all its query and key heads with one read of its cos/sin row."""
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs_d = tl.arange(0, HALF)
     cos = tl.load(cs_ptr + pos * stride_cs + offs_d).to(tl.float32)
     sin = tl.load(cs_ptr + pos * stride_cs + HALF + offs_d).to(tl.float32)
-    base = x_ptr + t * stride_xt + offs_h[:, None] * stride_xh + offs_d[None, :]
-    x1 = tl.load(base, mask=hmask[:, None], other=0.0).to(tl.float32)
-    x2 = tl.load(base + HALF, mask=hmask[:, None], other=0.0).to(tl.float32)
-    obase = out_ptr + t * (H * 2 * HALF) + offs_h[:, None] * (2 * HALF) + offs_d[None, :]
-    ty = out_ptr.dtype.element_ty
-    tl.store(obase, (x1 * cos[None, :] - x2 * sin[None, :]).to(ty), mask=hmask[:, None])
-    tl.store(obase + HALF, (x2 * cos[None, :] + x1 * sin[None, :]).to(ty), mask=hmask[:, None])
-
-
-def _rope_one(positions, x, cos_sin_cache):
-    T, H, D = x.shape
-    out = torch.empty((T, H, D), dtype=x.dtype, device=x.device)
-    if T:
-        _rope_kernel[(T,)](positions, x, out, cos_sin_cache, x.stride(0), x.stride(1), cos_sin_cache.stride(0),
-                           H=H, H_PAD=triton.next_power_of_2(H), HALF=D // 2)
-    return out
+    _rope_heads(q_ptr, qo_ptr, t, cos, sin, stride_qt, stride_qh, HQ, HQ_PAD, HALF)
+    _rope_heads(k_ptr, ko_ptr, t, cos, sin, stride_kt, stride_kh, HK, HK_PAD, HALF)
 
 
 @register("rotary_embedding")
 def rotary_embedding(positions, q, k, cos_sin_cache):
-    assert q.stride(2) == 1 and k.stride(2) == 1
-    return _rope_one(positions, q, cos_sin_cache), _rope_one(positions, k, cos_sin_cache)
+    """Neox (rotate-half) RoPE; returns new contiguous ``(q, k)`` (inputs may be strided views of qkv)."""
+    T, Hq, D = q.shape
+    Hk = k.shape[1]
+    assert cos_sin_cache.shape[-1] == D and D % 2 == 0 and (D // 2) & (D // 2 - 1) == 0
+    q, k = _last_dim_contig(q), _last_dim_contig(k)
+    cs = _last_dim_contig(cos_sin_cache)
+    qo = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
+    ko = torch.empty((T, Hk, D), dtype=k.dtype, device=k.device)
+    if T:
+        _rope_kernel[(T,)](positions, q, k, qo, ko, cs, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                           cs.stride(0), HQ=Hq, HQ_PAD=_pow2(Hq), HK=Hk, HK_PAD=_pow2(Hk), HALF=D // 2,
+                           num_warps=TACTICS["small_num_warps"])
+    return qo, ko
