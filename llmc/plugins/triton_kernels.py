@@ -25,16 +25,15 @@ the winners; ``0`` in a ``*_num_splits`` entry means "use the heuristic".
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from llmc.plugins.metadata import AttentionMetadata
+from llmc.plugins.triton_compat import INTERPRET as _INTERPRET
 from llmc.plugins.ops import register
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 
 TACTICS: dict[str, int] = {
@@ -59,28 +58,6 @@ TACTICS: dict[str, int] = {
 }
 
 
-def _fix_interpreter_scalar_index() -> None:
-    """Triton 3.6's interpreter turns a scalar (a 1-element numpy array) into a loop bound with ``int()``,
-    which numpy >= 2.3 refuses for 1-d arrays; data-dependent loop bounds then fail under the interpreter.
-    Take the single element instead (interpreter only: compiled kernels are untouched)."""
-    try:
-        from triton.runtime import interpreter as ti
-    except ImportError:  # pragma: no cover
-        return
-    orig = getattr(ti, "_patch_lang_tensor", None)
-    if orig is None or getattr(orig, "_llmc_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._llmc_fixed = True
-    ti._patch_lang_tensor = patched
-
-
-if _INTERPRET:
-    _fix_interpreter_scalar_index()
 
 
 def _pow2(n: int) -> int:
