@@ -294,3 +294,28 @@ def test_eval_ppl_cli(smol_engine, tmp_path):
     assert out["tokens"] > 300
     bad = CliRunner().invoke(main, ["eval-ppl", str(smol_engine), "--text", str(text), "--stride", "0"])
     assert bad.exit_code != 0 and "stride" in bad.output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", METHODS)
+def test_quantized_engine_gpu_kernels_match_cpu_reference(tiny_quantized, method):
+    """The whole quantized model on the GPU (plugins/quant_gemm.py kernels) against the CPU reference
+    forwards: fp32 tight, bf16 loose; then greedy tokens with CUDA graphs equal eager."""
+    from llmc.runtime.engine import LLMEngine
+    from tests.test_foundation import runner_logits_on
+    from tests.test_gpu import _prompts, _run
+
+    _, engines = tiny_quantized
+    qeng = engines[method][1]
+    ids = list(range(5, 45)) + list(range(100, 60, -1))
+    cpu = runner_logits_on(qeng, ids, "cpu", "float32", chunk=13)
+    gpu32 = runner_logits_on(qeng, ids, "cuda", "float32", chunk=13).cpu()
+    torch.testing.assert_close(gpu32, cpu, atol=3e-3, rtol=3e-3)
+    gpu16 = runner_logits_on(qeng, ids, "cuda", "bfloat16", chunk=13).cpu()
+    assert (gpu16 - cpu).abs().max() < 0.1 * cpu.abs().max()
+    prompts = _prompts(6, 9)
+    eager = LLMEngine(qeng, device="cuda", dtype="bfloat16", show_progress=False, cuda_graph_batch_sizes=[])
+    graphs = LLMEngine(qeng, device="cuda", dtype="bfloat16", show_progress=False)
+    assert graphs.runner.graphs is not None
+    assert _run(graphs, prompts) == _run(eager, prompts)

@@ -4,7 +4,8 @@ Every stored tensor keeps the output channel in dim 0 (the builder fuses QKV and
 along it); ``input_scale`` is per input channel and shared by the parts of a fused group, so it is listed
 in ``SHARED_INPUT_TENSORS`` and stored once per fused module in the engine.
 
-The forwards here are the CPU references that GPU kernels are checked against:
+On CUDA the forward runs ``plugins/quant_gemm.py``; the CPU forwards here are the references those
+kernels are checked against:
 - int8 / int4 / int4-awq (weight-only): dequantize the weight (cached on the CPU) and matmul in float32;
 - fp8 (W8A8): quantize each activation row to E4M3 and back, matmul with the dequantized weight in float32;
 - w8a8 (SmoothQuant): quantize each activation row to INT8, exact int8 x int8 -> int32 GEMM
@@ -163,6 +164,7 @@ class QuantLinear(nn.Module):
         self.input_scale = _p((k,), torch.float32) if self.method in ("int4-awq", "w8a8") else None
         self.bias = _p((n,), dtype) if bias else None
         self._dequant: torch.Tensor | None = None
+        self._group_major: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def dequantized_weight(self) -> torch.Tensor:
         """Float32 ``[out, in]`` weight the stored tensors represent, *before* undoing ``input_scale``
@@ -184,11 +186,29 @@ class QuantLinear(nn.Module):
         w = self.dequantized_weight()
         return w / self.input_scale[None, :] if self.input_scale is not None else w
 
-    def _load_from_state_dict(self, *args, **kwargs):  # a reload invalidates the dequantized cache
-        self._dequant = None
+    def _load_from_state_dict(self, *args, **kwargs):  # a reload invalidates the derived caches
+        self._dequant = self._group_major = None
         return super()._load_from_state_dict(*args, **kwargs)
 
+    def _forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        """The Triton / cuBLASLt kernels of ``plugins/quant_gemm.py``; int4's group scales and zeros are
+        transposed once to ``[K/G, N]`` (coalesced loads), the engine's tensors stay as stored."""
+        from llmc.plugins.quant_gemm import qgemm
+
+        shape = x.shape
+        gs = gz = None
+        group = getattr(self, "group_size", 0)
+        if group:
+            if self._group_major is None or self._group_major[0].device != x.device:
+                self._group_major = (self.scales.t().contiguous(), self.zeros.t().contiguous())
+            gs, gz = self._group_major
+        y = qgemm(x.reshape(-1, shape[-1]), self.method, self.qweight, self.scales, getattr(self, "zeros", None),
+                  group, self.input_scale, self.bias, gs, gz)
+        return y.reshape(*shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            return self._forward_cuda(x)
         shape = x.shape
         xf = x.reshape(-1, shape[-1]).float()
         if self.input_scale is not None:

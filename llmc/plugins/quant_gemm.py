@@ -1,0 +1,260 @@
+"""Triton GEMMs for quantized linears on the GPU (the CPU references are ``QuantLinear``'s own forwards).
+
+One kernel, ``y = x W^T (+ b)``, reads the weight in its stored layout (``docs/quantization.md``) and
+dequantizes in registers, so a decode step streams 1 byte (int8/fp8) or ~0.53 byte (int4 + group scales)
+per weight instead of 2:
+
+- int8 / fp8 weight, per-output-channel scale: ``acc += x_tile @ q_tile^T`` on the raw integers, the
+  channel scale is applied once in the epilogue;
+- int4 group-wise (two nibbles per byte along K, even index low): each K tile lies inside one group
+  (``GROUP % BLOCK_K == 0``), so ``acc += (x_tile @ (q - zero)^T) * scale[group]``: the tensor cores see
+  small exact integers, never a rounded dequantized weight;
+- activations are either the float input (weight-only methods; AWQ's ``input_scale`` is divided in the
+  tile) or a per-token quantized copy (fp8 E4M3 / int8, made by ``_act_quant_kernel``), in which case
+  ``acc`` is also multiplied by the token's scale. int8 and E4M3 values are exact in bf16, so the dot
+  products equal the reference's up to summation order.
+
+Small batches (decode: M <= 16) pad M to one 16-row tile and, where the grid over N alone would leave SMs
+idle, split K across programs whose fp32 partials a second kernel sums (adding the bias and casting).
+Large batches (prefill) use 64-row tiles; FP8 with many rows goes to ``torch._scaled_mm`` (cuBLASLt
+row-wise scaling, FP8 tensor cores) and W8A8 to ``torch._int_mm`` where they apply. Every launch takes its
+grid from host ints (tensor shapes), so a step stays capturable in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llmc.plugins.triton_compat import INTERPRET as _INTERPRET
+
+TACTICS: dict[str, int] = {
+    "small_m": 16,              # rows up to this use the decode tiling
+    "small_block_n": 32,
+    "small_block_k": 128,
+    "small_num_warps": 4,
+    "small_num_stages": 4,
+    "small_target_programs": 264,  # ~2 per SM of an H100: split K until the grid reaches this
+    "small_max_split_k": 8,
+    "large_block_m": 64,
+    "large_block_n": 128,
+    "large_block_k": 64,
+    "large_num_warps": 4,
+    "large_num_stages": 3,
+    "scaled_mm_min_m": 17,      # fp8 rows from which cuBLASLt's FP8 GEMM is used (0 disables)
+    "int_mm_min_m": 17,         # w8a8 rows from which torch._int_mm is used (it needs M > 16)
+}
+
+
+@triton.jit
+def _round_half_even(v):
+    f = tl.floor(v)
+    d = v - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, tl.where(odd, f + 1.0, f)))
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, isc_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
+                      IS_FP8: tl.constexpr, HAS_ISC: tl.constexpr, BLOCK: tl.constexpr):
+    """One row: ``s = absmax(x / isc) / QMAX``, ``q = quantize(x / isc / s)`` as in ``quant_linear``."""
+    row = tl.program_id(0)
+    amax = tl.zeros((BLOCK,), tl.float32)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        if HAS_ISC:
+            v = v / tl.load(isc_ptr + offs, mask=offs < K, other=1.0)
+        amax = tl.maximum(amax, tl.abs(v))
+    m = tl.max(amax, axis=0)
+    if IS_FP8:
+        s = tl.maximum(m, 1e-12) / 448.0
+    else:
+        s = tl.maximum(m, 1e-8) / 127.0
+    tl.store(s_ptr + row, s)
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        if HAS_ISC:
+            v = v / tl.load(isc_ptr + offs, mask=offs < K, other=1.0)
+        v = v / s
+        if IS_FP8:
+            q = tl.minimum(tl.maximum(v, -448.0), 448.0).to(q_ptr.dtype.element_ty)
+        else:
+            q = tl.minimum(tl.maximum(_round_half_even(v), -127.0), 127.0).to(tl.int8)
+        tl.store(q_ptr + row * stride_qm + offs, q, mask=offs < K)
+
+
+@triton.jit
+def _qgemm_kernel(x_ptr, xs_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr,
+                  M, N, K, k_per_split, stride_xm, stride_wn, stride_sg, stride_om,
+                  W_INT4: tl.constexpr, GROUP: tl.constexpr, X_QUANT: tl.constexpr, HAS_ISC: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    cdt = tl.float32 if IEEE else (tl.bfloat16 if X_QUANT else x_ptr.dtype.element_ty)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for i in range(0, k_per_split, BLOCK_K):  # host-int bounds: each split owns whole tiles, no K masks
+        k0 = pid_k * k_per_split + i
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        # masked rows/columns only reach outputs that are never stored (no ``other``: fp8 has no literal 0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None])
+        if HAS_ISC:
+            x = x.to(tl.float32) / tl.load(isc_ptr + offs_k)[None, :]
+        x = x.to(cdt)
+        if W_INT4:
+            offs_kh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            wp = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kh[None, :], mask=n_mask[:, None], other=0)
+            q = tl.join(wp & 0xF, wp >> 4).reshape(BLOCK_N, BLOCK_K)
+            g = k0 // GROUP
+            z = tl.load(z_ptr + g * stride_sg + offs_n, mask=n_mask, other=0)
+            sc = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0)
+            wv = (q.to(tl.float32) - z.to(tl.float32)[:, None]).to(cdt)
+            if IEEE:
+                part = tl.dot(x, tl.trans(wv), input_precision="ieee")
+            else:
+                part = tl.dot(x, tl.trans(wv))
+            acc += part * sc[None, :]
+        else:
+            q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None])
+            if IEEE:
+                acc += tl.dot(x, tl.trans(q.to(cdt)), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(q.to(cdt)))
+    if not W_INT4:
+        acc = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+    if X_QUANT:
+        acc = acc * tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT > 1:
+        tl.store(part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, b_ptr, out_ptr, M, N, stride_om, SPLIT: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(part_ptr + (s * M + row) * N + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _pow2_at_most(n: int, cap: int) -> int:
+    p = 16
+    while p * 2 <= min(n, cap):
+        p *= 2
+    return p
+
+
+def quantize_activations(x: torch.Tensor, method: str, input_scale: torch.Tensor | None):
+    """Per-token fp8 (``fp8``) or int8 (``w8a8``) quantization of ``x [M, K]``: ``(q, scale [M] fp32)``."""
+    m, k = x.shape
+    is_fp8 = method == "fp8"
+    if is_fp8 and _INTERPRET:  # Triton 3.6's interpreter rounds fp32 -> e4m3 wrongly at binade edges
+        from llmc.models.quant_linear import quantize_act_fp8_per_token
+
+        q, s = quantize_act_fp8_per_token(x.float() / input_scale if input_scale is not None else x)
+        return q, s[:, 0]
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn if is_fp8 else torch.int8, device=x.device)
+    s = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m:
+        _act_quant_kernel[(m,)](x, input_scale if input_scale is not None else s, q, s, k, x.stride(0), q.stride(0),
+                                IS_FP8=is_fp8, HAS_ISC=input_scale is not None,
+                                BLOCK=min(1024, triton.next_power_of_2(k)))
+    return q, s
+
+
+def _scaled_mm_ok(m: int, n: int, k: int) -> bool:
+    t = TACTICS["scaled_mm_min_m"]
+    return (not _INTERPRET and t > 0 and m >= t and n % 16 == 0 and k % 16 == 0
+            and torch.cuda.get_device_capability() >= (8, 9))
+
+
+def qgemm(x: torch.Tensor, method: str, qweight: torch.Tensor, scales: torch.Tensor,
+          zeros: torch.Tensor | None = None, group: int = 0, input_scale: torch.Tensor | None = None,
+          bias: torch.Tensor | None = None, scales_gn: torch.Tensor | None = None,
+          zeros_gn: torch.Tensor | None = None) -> torch.Tensor:
+    """``y [M, N] = x [M, K] @ W^T (+ bias)`` for a stored quantized weight (``quant_linear`` layouts).
+
+    ``scales_gn`` / ``zeros_gn`` are int4's group tensors transposed to ``[K/G, N]`` (coalesced loads);
+    made from ``scales`` / ``zeros`` when not given."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    w_int4 = method in ("int4", "int4-awq")
+    x_quant = method in ("fp8", "w8a8")
+    xs = None
+    if x_quant:
+        x, xs = quantize_activations(x, method, input_scale)
+        if method == "fp8" and out.dtype == torch.bfloat16 and _scaled_mm_ok(m, n, k):
+            y = torch._scaled_mm(x, qweight.t(), scale_a=xs[:, None], scale_b=scales[None, :].float(),
+                                 bias=None, out_dtype=torch.bfloat16)
+            if bias is not None:
+                y = y + bias
+            return y.to(out.dtype)
+        if method == "w8a8" and not _INTERPRET and m >= max(TACTICS["int_mm_min_m"], 17) and k % 8 == 0 \
+                and n % 8 == 0:
+            y = torch._int_mm(x, qweight.t()).float() * xs[:, None] * scales[None, :].float()
+            if bias is not None:
+                y = y + bias.float()
+            return y.to(out.dtype)
+    if w_int4:
+        if k % group or group % 16:
+            raise ValueError(f"int4 GEMM needs K ({k}) a multiple of the group size ({group}) and group % 16 == 0")
+        sg = scales_gn if scales_gn is not None else scales.t().contiguous()
+        zg = zeros_gn if zeros_gn is not None else zeros.t().contiguous()
+    else:
+        sg, zg = scales, scales
+    small = m <= TACTICS["small_m"]
+    if small:
+        bm, bn, bk = 16, TACTICS["small_block_n"], TACTICS["small_block_k"]
+        warps, stages = TACTICS["small_num_warps"], TACTICS["small_num_stages"]
+    else:
+        bm, bn, bk = TACTICS["large_block_m"], TACTICS["large_block_n"], TACTICS["large_block_k"]
+        warps, stages = TACTICS["large_num_warps"], TACTICS["large_num_stages"]
+    bk = _pow2_at_most(min(bk, group) if w_int4 else bk, k)
+    if k % bk:
+        raise ValueError(f"quantized GEMM: K={k} must be a multiple of 16")
+    grid_mn = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    tiles_k = k // bk
+    split = 1
+    if small:  # split K (into whole tiles, at least 2 per split) until the grid fills the GPU
+        while (split * 2 <= TACTICS["small_max_split_k"] and grid_mn * split < TACTICS["small_target_programs"]
+               and tiles_k % (split * 2) == 0 and tiles_k // (split * 2) >= 2):
+            split *= 2
+    k_per_split = tiles_k // split * bk
+    part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    # IEEE fp32 dots for fp32 inputs (tf32 would miss fp32 tolerances) and under the interpreter, which
+    # multiplies bf16 dot operands as raw bits; else 16-bit tensor cores.
+    ieee = x.dtype == torch.float32 or _INTERPRET
+    dummy = scales
+    _qgemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split)](
+        x, xs if xs is not None else dummy, input_scale if (input_scale is not None and not x_quant) else dummy,
+        qweight, sg, zg, bias if bias is not None else dummy, out, part,
+        m, n, k, k_per_split, x.stride(0), qweight.stride(0), sg.stride(0) if w_int4 else 0, out.stride(0),
+        W_INT4=w_int4, GROUP=group if w_int4 else 1, X_QUANT=x_quant,
+        HAS_ISC=input_scale is not None and not x_quant, HAS_BIAS=bias is not None and split == 1,
+        SPLIT=split, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        num_stages=1 if _INTERPRET else stages)
+    if split > 1:
+        blk = min(1024, triton.next_power_of_2(n))
+        _splitk_reduce_kernel[(m, triton.cdiv(n, blk))](part, bias if bias is not None else dummy, out, m, n,
+                                                        out.stride(0), SPLIT=split, HAS_BIAS=bias is not None,
+                                                        BLOCK=blk)
+    return out
