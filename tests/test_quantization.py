@@ -301,7 +301,8 @@ def test_eval_ppl_cli(smol_engine, tmp_path):
 @pytest.mark.parametrize("method", METHODS)
 def test_quantized_engine_gpu_kernels_match_cpu_reference(tiny_quantized, method):
     """The whole quantized model on the GPU (plugins/quant_gemm.py kernels) against the CPU reference
-    forwards: fp32 tight, bf16 loose; then greedy tokens with CUDA graphs equal eager."""
+    forwards: fp32 tight, bf16 loose; then greedy tokens with CUDA graphs equal eager (fp32: in bf16 the
+    padded graph batch may split attention differently, and a random net's near-ties then flip)."""
     from llmc.runtime.engine import LLMEngine
     from tests.test_foundation import runner_logits_on
     from tests.test_gpu import _prompts, _run
@@ -315,7 +316,7 @@ def test_quantized_engine_gpu_kernels_match_cpu_reference(tiny_quantized, method
     gpu16 = runner_logits_on(qeng, ids, "cuda", "bfloat16", chunk=13).cpu()
     assert (gpu16 - cpu).abs().max() < 0.1 * cpu.abs().max()
     prompts = _prompts(6, 9)
-    eager = LLMEngine(qeng, device="cuda", dtype="bfloat16", show_progress=False, cuda_graph_batch_sizes=[])
-    graphs = LLMEngine(qeng, device="cuda", dtype="bfloat16", show_progress=False)
+    eager = LLMEngine(qeng, device="cuda", dtype="float32", show_progress=False, cuda_graph_batch_sizes=[])
+    graphs = LLMEngine(qeng, device="cuda", dtype="float32", show_progress=False)
     assert graphs.runner.graphs is not None
     assert _run(graphs, prompts) == _run(eager, prompts)

@@ -8,11 +8,13 @@ per weight instead of 2:
   channel scale is applied once in the epilogue;
 - int4 group-wise (two nibbles per byte along K, even index low): each K tile lies inside one group
   (``GROUP % BLOCK_K == 0``), so ``acc += (x_tile @ (q - zero)^T) * scale[group]``: the tensor cores see
-  small exact integers, never a rounded dequantized weight;
+  small exact integers, never a rounded dequantized weight. The low nibbles meet the even inputs and the
+  high nibbles the odd ones in two half-width dots, so the packed tile is never interleaved;
 - activations are either the float input (weight-only methods; AWQ's ``input_scale`` is divided in the
   tile) or a per-token quantized copy (fp8 E4M3 / int8, made by ``_act_quant_kernel``), in which case
-  ``acc`` is also multiplied by the token's scale. int8 and E4M3 values are exact in bf16, so the dot
-  products equal the reference's up to summation order.
+  ``acc`` is also multiplied by the token's scale. The dots then run on the 8-bit operands themselves
+  (int8 x int8 -> int32, e4m3 x e4m3 -> fp32 tensor-core instructions), exact per tile, so the result
+  equals the reference's up to summation order.
 
 Small batches (decode: M <= 16) pad M to one 16-row tile and, where the grid over N alone would leave SMs
 idle, split K across programs whose fp32 partials a second kernel sums (adding the bias and casting).
@@ -41,6 +43,7 @@ TACTICS: dict[str, int] = {
     "large_block_k": 64,
     "large_num_warps": 4,
     "large_num_stages": 3,
+    "native_dot": 1,            # fp8/int8 activations: dot on the quantized operands (else via bf16)
     "scaled_mm_min_m": 17,      # fp8 rows from which cuBLASLt's FP8 GEMM is used (0 disables)
     "int_mm_min_m": 17,         # w8a8 rows from which torch._int_mm is used (it needs M > 16)
 }
@@ -89,7 +92,7 @@ def _act_quant_kernel(x_ptr, isc_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
 def _qgemm_kernel(x_ptr, xs_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr,
                   M, N, K, k_per_split, stride_xm, stride_wn, stride_sg, stride_om,
                   W_INT4: tl.constexpr, GROUP: tl.constexpr, X_QUANT: tl.constexpr, HAS_ISC: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, NATIVE_DOT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -99,31 +102,42 @@ def _qgemm_kernel(x_ptr, xs_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, p
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for i in range(0, k_per_split, BLOCK_K):  # host-int bounds: each split owns whole tiles, no K masks
         k0 = pid_k * k_per_split + i
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        # masked rows/columns only reach outputs that are never stored (no ``other``: fp8 has no literal 0)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None])
-        if HAS_ISC:
-            x = x.to(tl.float32) / tl.load(isc_ptr + offs_k)[None, :]
-        x = x.to(cdt)
         if W_INT4:
-            offs_kh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            wp = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_kh[None, :], mask=n_mask[:, None], other=0)
-            q = tl.join(wp & 0xF, wp >> 4).reshape(BLOCK_N, BLOCK_K)
+            # even inputs sit in the low nibbles, odd in the high: two half-width dots, no interleave
+            offs_j = tl.arange(0, BLOCK_K // 2)
+            x_row = x_ptr + offs_m[:, None] * stride_xm + k0 + 2 * offs_j[None, :]
+            xe = tl.load(x_row, mask=m_mask[:, None])
+            xo = tl.load(x_row + 1, mask=m_mask[:, None])
+            if HAS_ISC:
+                xe = xe.to(tl.float32) / tl.load(isc_ptr + k0 + 2 * offs_j)[None, :]
+                xo = xo.to(tl.float32) / tl.load(isc_ptr + k0 + 2 * offs_j + 1)[None, :]
+            wp = tl.load(w_ptr + offs_n[:, None] * stride_wn + k0 // 2 + offs_j[None, :], mask=n_mask[:, None],
+                         other=0)
             g = k0 // GROUP
-            z = tl.load(z_ptr + g * stride_sg + offs_n, mask=n_mask, other=0)
+            z = tl.load(z_ptr + g * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None]
             sc = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0)
-            wv = (q.to(tl.float32) - z.to(tl.float32)[:, None]).to(cdt)
+            lo = ((wp & 0xF).to(tl.float32) - z).to(cdt)
+            hi = ((wp >> 4).to(tl.float32) - z).to(cdt)
             if IEEE:
-                part = tl.dot(x, tl.trans(wv), input_precision="ieee")
+                part = tl.dot(xe.to(cdt), tl.trans(lo), input_precision="ieee")
+                part = tl.dot(xo.to(cdt), tl.trans(hi), part, input_precision="ieee")
             else:
-                part = tl.dot(x, tl.trans(wv))
+                part = tl.dot(xe.to(cdt), tl.trans(lo))
+                part = tl.dot(xo.to(cdt), tl.trans(hi), part)
             acc += part * sc[None, :]
         else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            # masked rows/columns only reach outputs that are never stored (no ``other``: fp8 has no literal 0)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None])
             q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None])
+            if HAS_ISC:
+                x = x.to(tl.float32) / tl.load(isc_ptr + offs_k)[None, :]
             if IEEE:
-                acc += tl.dot(x, tl.trans(q.to(cdt)), input_precision="ieee")
+                acc += tl.dot(x.to(cdt), tl.trans(q.to(cdt)), input_precision="ieee")
+            elif NATIVE_DOT:  # fp8 x fp8 -> fp32 or int8 x int8 -> int32 on the tensor cores, exact per tile
+                acc += tl.dot(x, tl.trans(q)).to(tl.float32)
             else:
-                acc += tl.dot(x, tl.trans(q.to(cdt)))
+                acc += tl.dot(x.to(cdt), tl.trans(q.to(cdt)))
     if not W_INT4:
         acc = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
     if X_QUANT:
@@ -250,7 +264,7 @@ def qgemm(x: torch.Tensor, method: str, qweight: torch.Tensor, scales: torch.Ten
         m, n, k, k_per_split, x.stride(0), qweight.stride(0), sg.stride(0) if w_int4 else 0, out.stride(0),
         W_INT4=w_int4, GROUP=group if w_int4 else 1, X_QUANT=x_quant,
         HAS_ISC=input_scale is not None and not x_quant, HAS_BIAS=bias is not None and split == 1,
-        SPLIT=split, IEEE=ieee, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        SPLIT=split, IEEE=ieee, NATIVE_DOT=x_quant and not ieee and bool(TACTICS["native_dot"]), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
         num_stages=1 if _INTERPRET else stages)
     if split > 1:
         blk = min(1024, triton.next_power_of_2(n))
