@@ -125,19 +125,19 @@ def _grid(method: str, rows: int, keys: tuple[str, ...], grid) -> dict:
 
 
 def sweep() -> dict:
-    small = ("small_block_n", "small_block_k", "small_num_stages", "small_num_warps", "small_target_programs")
-    small_grid = list(itertools.product((16, 32, 64), (64, 128, 256), (3, 4), (4,), (132, 264, 528)))
+    small = ("small_block_n", "small_block_k", "small_num_stages", "small_swap", "small_num_warps")
+    small_grid = list(itertools.product((32, 64, 128), (64, 128, 256), (3, 4), (0, 1), (4,)))
     large = ("large_block_m", "large_block_n", "large_block_k", "large_num_stages", "large_num_warps")
     large_grid = list(itertools.product((64, 128), (64, 128), (64, 128), (3, 4), (4, 8)))
     return {"int4_m1": _grid("int4", 1, small, small_grid), "int8_m1": _grid("int8", 1, small, small_grid),
-            "fp8_m1": _grid("fp8", 1, small, small_grid[::3]),
-            "int4_m256": _grid("int4", 256, large, large_grid)}
+            "fp8_m1": _grid("fp8", 1, small, small_grid[::2]), "int4_m64": _grid("int4", 64, small, small_grid[::2]),
+            "int8_m256": _grid("int8", 256, large, large_grid)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--rows", default="1,16,256")
+    ap.add_argument("--rows", default="1,16,64,256")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA GPU: this benchmark needs one"}))

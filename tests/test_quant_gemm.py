@@ -48,7 +48,7 @@ def run_kernel(layer: ql.QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("m", [1, 5, 19])
+@pytest.mark.parametrize("m", [1, 5, 19, 70])
 def test_qgemm_matches_reference_fp32(method, m):
     k, n = 256, 80  # N not a multiple of the 32/128 tiles
     layer = make_layer(method, k, n, group=64, bias=m == 5, seed=m)
@@ -110,3 +110,23 @@ def test_qgemm_llama_shapes_gpu(method, m):
     out = run_kernel(layer, x).float()
     rel = (out - ref).norm() / ref.norm()
     assert rel < 1e-2, float(rel)
+
+
+@pytest.mark.parametrize("method", ["int4", "int8", "w8a8"])
+@pytest.mark.parametrize("swap", [0, 1])
+def test_decode_tiling_orientations_agree(method, swap, monkeypatch):
+    """The decode tiling computes W x^T (swap) or x W^T; both match the reference, 16- and 32-row tiles."""
+    monkeypatch.setitem(qg.TACTICS, "small_swap", swap)
+    layer = make_layer(method, 256, 48, group=128, bias=True, seed=21 + swap)
+    for m in (3, 27):
+        x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m))
+        torch.testing.assert_close(run_kernel(layer, x), layer(x), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["int4", "int4-awq"])
+def test_int4_dequantize_then_matmul_path(method, monkeypatch):
+    """Large batches dequantize int4 weights into a scratch buffer for cuBLAS: same result."""
+    monkeypatch.setitem(qg.TACTICS, "int4_dequant_min_m", 1)
+    layer = make_layer(method, 256, 80, group=64, bias=True, seed=31)
+    x = torch.randn(9, 256, generator=torch.Generator().manual_seed(32))
+    torch.testing.assert_close(run_kernel(layer, x), layer(x), atol=2e-4, rtol=1e-4)

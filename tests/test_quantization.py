@@ -314,7 +314,9 @@ def test_quantized_engine_gpu_kernels_match_cpu_reference(tiny_quantized, method
     gpu32 = runner_logits_on(qeng, ids, "cuda", "float32", chunk=13).cpu()
     torch.testing.assert_close(gpu32, cpu, atol=3e-3, rtol=3e-3)
     gpu16 = runner_logits_on(qeng, ids, "cuda", "bfloat16", chunk=13).cpu()
-    assert (gpu16 - cpu).abs().max() < 0.1 * cpu.abs().max()
+    # fp8 has 3 mantissa bits: bf16-rounded activations land on the other side of some e4m3 rounding edges
+    # than the fp32 reference's (a 6-12% step each), which a random net amplifies; fp32 above is the check
+    assert (gpu16 - cpu).abs().max() < (0.2 if method == "fp8" else 0.1) * cpu.abs().max()
     prompts = _prompts(6, 9)
     eager = LLMEngine(qeng, device="cuda", dtype="float32", show_progress=False, cuda_graph_batch_sizes=[])
     graphs = LLMEngine(qeng, device="cuda", dtype="float32", show_progress=False)

@@ -31,7 +31,8 @@ import triton.language as tl
 from llmc.plugins.triton_compat import INTERPRET as _INTERPRET
 
 TACTICS: dict[str, int] = {
-    "small_m": 16,              # rows up to this use the decode tiling
+    "small_m": 64,              # rows up to this use the decode tiling (16..64-row tiles)
+    "small_swap": 1,            # decode tiling computes out^T = W x^T (weight as the wide MMA operand)
     "small_block_n": 32,
     "small_block_k": 128,
     "small_num_warps": 4,
@@ -44,6 +45,7 @@ TACTICS: dict[str, int] = {
     "large_num_warps": 4,
     "large_num_stages": 3,
     "native_dot": 1,            # fp8/int8 activations: dot on the quantized operands (else via bf16)
+    "int4_dequant_min_m": 128,  # int4 rows from which the weight is dequantized to bf16 for cuBLAS (0: never)
     "scaled_mm_min_m": 17,      # fp8 rows from which cuBLASLt's FP8 GEMM is used (0 disables)
     "int_mm_min_m": 17,         # w8a8 rows from which torch._int_mm is used (it needs M > 16)
 }
@@ -89,55 +91,67 @@ def _act_quant_kernel(x_ptr, isc_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
 
 
 @triton.jit
+def _mm(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _qgemm_kernel(x_ptr, xs_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr,
                   M, N, K, k_per_split, stride_xm, stride_wn, stride_sg, stride_om,
                   W_INT4: tl.constexpr, GROUP: tl.constexpr, X_QUANT: tl.constexpr, HAS_ISC: tl.constexpr,
                   HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, NATIVE_DOT: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``SWAP`` computes ``out^T = W x^T``: the weight tile is the MMA's wide left operand (it can stay in
+    registers on Hopper) and the few activation rows its narrow right one; the accumulator is [N, M]."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = offs_m < M, offs_n < N
     cdt = tl.float32 if IEEE else (tl.bfloat16 if X_QUANT else x_ptr.dtype.element_ty)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for i in range(0, k_per_split, BLOCK_K):  # host-int bounds: each split owns whole tiles, no K masks
         k0 = pid_k * k_per_split + i
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        # masked rows/columns only reach outputs that are never stored (no ``other``: fp8 has no literal 0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None])
+        if HAS_ISC:
+            x = x.to(tl.float32) / tl.load(isc_ptr + offs_k)[None, :]
         if W_INT4:
-            # even inputs sit in the low nibbles, odd in the high: two half-width dots, no interleave
+            # low nibbles hold the even inputs, high the odd: split x instead of interleaving the weight.
+            # sum_k (q - z) x = sum_k q x - z sum_k x, so the MMAs see the raw nibbles (exact in 16 bits).
+            xe, xo = tl.split(tl.reshape(x.to(cdt), (BLOCK_M, BLOCK_K // 2, 2)))
             offs_j = tl.arange(0, BLOCK_K // 2)
-            x_row = x_ptr + offs_m[:, None] * stride_xm + k0 + 2 * offs_j[None, :]
-            xe = tl.load(x_row, mask=m_mask[:, None])
-            xo = tl.load(x_row + 1, mask=m_mask[:, None])
-            if HAS_ISC:
-                xe = xe.to(tl.float32) / tl.load(isc_ptr + k0 + 2 * offs_j)[None, :]
-                xo = xo.to(tl.float32) / tl.load(isc_ptr + k0 + 2 * offs_j + 1)[None, :]
             wp = tl.load(w_ptr + offs_n[:, None] * stride_wn + k0 // 2 + offs_j[None, :], mask=n_mask[:, None],
                          other=0)
             g = k0 // GROUP
-            z = tl.load(z_ptr + g * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None]
+            z = tl.load(z_ptr + g * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)
             sc = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0)
-            lo = ((wp & 0xF).to(tl.float32) - z).to(cdt)
-            hi = ((wp >> 4).to(tl.float32) - z).to(cdt)
-            if IEEE:
-                part = tl.dot(xe.to(cdt), tl.trans(lo), input_precision="ieee")
-                part = tl.dot(xo.to(cdt), tl.trans(hi), part, input_precision="ieee")
+            lo, hi = (wp & 0xF).to(cdt), (wp >> 4).to(cdt)
+            xsum = tl.sum(xe.to(tl.float32), axis=1) + tl.sum(xo.to(tl.float32), axis=1)
+            if SWAP:
+                part = _mm(lo, tl.trans(xe), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), IEEE)
+                part = _mm(hi, tl.trans(xo), part, IEEE)
+                acc += (part - z[:, None] * xsum[None, :]) * sc[:, None]
             else:
-                part = tl.dot(xe.to(cdt), tl.trans(lo))
-                part = tl.dot(xo.to(cdt), tl.trans(hi), part)
-            acc += part * sc[None, :]
+                part = _mm(xe, tl.trans(lo), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), IEEE)
+                part = _mm(xo, tl.trans(hi), part, IEEE)
+                acc += (part - xsum[:, None] * z[None, :]) * sc[None, :]
         else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            # masked rows/columns only reach outputs that are never stored (no ``other``: fp8 has no literal 0)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None])
             q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None])
-            if HAS_ISC:
-                x = x.to(tl.float32) / tl.load(isc_ptr + offs_k)[None, :]
-            if IEEE:
-                acc += tl.dot(x.to(cdt), tl.trans(q.to(cdt)), input_precision="ieee")
-            elif NATIVE_DOT:  # fp8 x fp8 -> fp32 or int8 x int8 -> int32 on the tensor cores, exact per tile
-                acc += tl.dot(x, tl.trans(q)).to(tl.float32)
+            if not NATIVE_DOT:
+                x, q = x.to(cdt), q.to(cdt)
+            # NATIVE_DOT: fp8 x fp8 -> fp32 or int8 x int8 -> int32 on the tensor cores, exact per tile
+            if SWAP:
+                acc += _mm(q, tl.trans(x), None, IEEE).to(tl.float32)
             else:
-                acc += tl.dot(x.to(cdt), tl.trans(q.to(cdt)))
+                acc += _mm(x, tl.trans(q), None, IEEE).to(tl.float32)
+    if SWAP:
+        acc = tl.trans(acc)
     if not W_INT4:
         acc = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
     if X_QUANT:
@@ -191,6 +205,46 @@ def quantize_activations(x: torch.Tensor, method: str, input_scale: torch.Tensor
     return q, s
 
 
+@triton.jit
+def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, stride_wn, stride_sg, stride_on, GROUP: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``out[n, k] = (q[n, k] - zero[k // G, n]) * scale[k // G, n]`` for one [BLOCK_N, BLOCK_K] tile."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_j = tl.arange(0, BLOCK_K // 2)
+    n_mask = offs_n < N
+    wp = tl.load(w_ptr + offs_n[:, None] * stride_wn + k0 // 2 + offs_j[None, :], mask=n_mask[:, None], other=0)
+    g = k0 // GROUP
+    z = tl.load(z_ptr + g * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None]
+    sc = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0)[:, None]
+    lo = ((wp & 0xF).to(tl.float32) - z) * sc
+    hi = ((wp >> 4).to(tl.float32) - z) * sc
+    w = tl.interleave(lo, hi)  # [BLOCK_N, BLOCK_K]: even k from the low nibbles
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=n_mask[:, None])
+
+
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _dequant_linear(x, qweight, sg, zg, group, input_scale, bias):
+    """Large batches: dequantize the int4 weight into a shared bf16 scratch and let cuBLAS multiply (the
+    GEMM is compute-bound there, so 2.5 extra bytes per weight cost less than a slow fused kernel)."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    key = (x.device, x.dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < n * k:  # grows to the largest projection once (warm-up, outside graphs)
+        buf = _SCRATCH[key] = torch.empty(n * k, dtype=x.dtype, device=x.device)
+    w = buf[: n * k].view(n, k)
+    bk = min(group, 128)
+    _int4_dequant_kernel[(triton.cdiv(n, 64), k // bk)](qweight, sg, zg, w, n, qweight.stride(0), sg.stride(0),
+                                                        w.stride(0), GROUP=group, BLOCK_N=64, BLOCK_K=bk)
+    if input_scale is not None:
+        x = (x.float() / input_scale).to(x.dtype)
+    return torch.nn.functional.linear(x, w, bias)
+
+
 def _scaled_mm_ok(m: int, n: int, k: int) -> bool:
     t = TACTICS["scaled_mm_min_m"]
     return (not _INTERPRET and t > 0 and m >= t and n % 16 == 0 and k % 16 == 0
@@ -235,10 +289,14 @@ def qgemm(x: torch.Tensor, method: str, qweight: torch.Tensor, scales: torch.Ten
         zg = zeros_gn if zeros_gn is not None else zeros.t().contiguous()
     else:
         sg, zg = scales, scales
+    if w_int4 and 0 < TACTICS["int4_dequant_min_m"] <= m:
+        return _dequant_linear(x, qweight, sg, zg, group, input_scale, bias)
     small = m <= TACTICS["small_m"]
+    swap = False
     if small:
-        bm, bn, bk = 16, TACTICS["small_block_n"], TACTICS["small_block_k"]
+        bm, bn, bk = min(64, max(16, triton.next_power_of_2(m))), TACTICS["small_block_n"], TACTICS["small_block_k"]
         warps, stages = TACTICS["small_num_warps"], TACTICS["small_num_stages"]
+        swap = bool(TACTICS["small_swap"])
     else:
         bm, bn, bk = TACTICS["large_block_m"], TACTICS["large_block_n"], TACTICS["large_block_k"]
         warps, stages = TACTICS["large_num_warps"], TACTICS["large_num_stages"]
@@ -264,7 +322,8 @@ def qgemm(x: torch.Tensor, method: str, qweight: torch.Tensor, scales: torch.Ten
         m, n, k, k_per_split, x.stride(0), qweight.stride(0), sg.stride(0) if w_int4 else 0, out.stride(0),
         W_INT4=w_int4, GROUP=group if w_int4 else 1, X_QUANT=x_quant,
         HAS_ISC=input_scale is not None and not x_quant, HAS_BIAS=bias is not None and split == 1,
-        SPLIT=split, IEEE=ieee, NATIVE_DOT=x_quant and not ieee and bool(TACTICS["native_dot"]), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        SPLIT=split, IEEE=ieee, NATIVE_DOT=x_quant and not ieee and bool(TACTICS["native_dot"]), SWAP=swap,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
         num_stages=1 if _INTERPRET else stages)
     if split > 1:
         blk = min(1024, triton.next_power_of_2(n))
