@@ -116,3 +116,13 @@ def test_cli_full_pipeline_tiny(tiny_factory, tmp_path):
 def test_build_bad_limits(smol_ckpt, tmp_path, args, needle):
     assert_one_line_error(run("build", smol_ckpt, "-o", tmp_path / "e", *args), needle)
 
+
+
+def test_cli_imports_without_serve_or_gguf_extras():
+    """`llmc build`/`bench` must run where only the core deps exist (the GPU machine has no uvicorn)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, llmc.cli; bad = [m for m in ('uvicorn', 'fastapi', 'gguf') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -110,40 +110,41 @@ def serve(engine, host, port, api_key, served_model_name, max_queued_requests, d
              core.kv.num_blocks, core.kv.block_size)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace_period,
                             timeout_keep_alive=5)
-    GracefulServer(config, async_engine).run()
+    graceful_server(config, async_engine).run()
 
 
-def _server_base():
+def graceful_server(config, async_engine):
+    """A uvicorn server that drains gracefully (defined on first use: importing the CLI must not need
+    uvicorn, which only ``serve`` uses)."""
     import uvicorn
 
-    return uvicorn.Server
+    class GracefulServer(uvicorn.Server):
+        """SIGTERM/SIGINT: stop accepting (new requests on open connections get 503, /health says so), let
+        in-flight requests finish for the grace period, abort the rest, shut the engine down, exit 0.
+        (Plain uvicorn re-raises the signal after draining, so the process would die with status 143.)"""
 
+        def __init__(self, config, async_engine):
+            super().__init__(config)
+            self.async_engine = async_engine
 
-class GracefulServer(_server_base()):
-    """SIGTERM/SIGINT: stop accepting (new requests on open connections get 503, /health says so), let
-    in-flight requests finish for the grace period, abort the rest, shut the engine down, exit 0.
-    (Plain uvicorn re-raises the signal after draining, so the process would die with status 143.)"""
+        def handle_exit(self, sig, frame) -> None:
+            self.async_engine.accepting = False
+            super().handle_exit(sig, frame)
 
-    def __init__(self, config, async_engine):
-        super().__init__(config)
-        self.async_engine = async_engine
+        def capture_signals(self):
+            import contextlib
+            import signal
 
-    def handle_exit(self, sig, frame) -> None:
-        self.async_engine.accepting = False
-        super().handle_exit(sig, frame)
+            @contextlib.contextmanager
+            def capture():
+                sigs = (signal.SIGINT, signal.SIGTERM)
+                old = {s: signal.signal(s, self.handle_exit) for s in sigs}
+                try:
+                    yield
+                finally:
+                    for s, h in old.items():
+                        signal.signal(s, h)
 
-    def capture_signals(self):
-        import contextlib
-        import signal
+            return capture()
 
-        @contextlib.contextmanager
-        def capture():
-            sigs = (signal.SIGINT, signal.SIGTERM)
-            old = {s: signal.signal(s, self.handle_exit) for s in sigs}
-            try:
-                yield
-            finally:
-                for s, h in old.items():
-                    signal.signal(s, h)
-
-        return capture()
+    return GracefulServer(config, async_engine)
