@@ -1,13 +1,14 @@
 """Quantized GEMM kernels on a CUDA GPU against bf16 ``F.linear`` (cuBLAS); prints one JSON object.
 
-    python3 benchmarks/quant_gemm_bench.py [--sweep] [--rows 1,16,256]
+    python3 benchmarks/quant_gemm_bench.py [--sweep] [--rows 1,16,64,256]
 
 Shapes are Llama-2-7B's four projections (fused QKV, O, fused gate/up, down). For each method and row
 count: microseconds per call replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``: no
 Python launch overhead, as in an engine's decode step), each call on another copy of the weights (>= 256 MB
 in all, 5x the L2) so weights stream from HBM as in a decode step and the weight bytes read per second, beside a device copy measured in the
-same run. ``--sweep`` times a grid of the decode tiling (``quant_gemm.TACTICS`` small_*) for int4 and
-int8 at one row, and of the large-batch tiling (large_*) for int4 at 256 rows, and reports the best (what the build-time tuner would store). Random weights.
+same run. ``--sweep`` times a grid of the int4 GEMV tiling (``quant_gemm.TACTICS`` gemv_*) at one row and of
+the decode MMA tiling (small_*) for int8 and fp8 at one row and int4 at 16 rows, and reports the best (what the build-time tuner would store).
+Prints the GEMM table as one JSON object, then the sweep as a second one. Random weights.
 """
 from __future__ import annotations
 
@@ -125,13 +126,12 @@ def _grid(method: str, rows: int, keys: tuple[str, ...], grid) -> dict:
 
 
 def sweep() -> dict:
+    gemv = ("gemv_block_n", "gemv_block_k", "gemv_num_warps", "gemv_num_stages")
+    gemv_grid = list(itertools.product((32, 64, 128), (128, 256, 512), (4, 8), (3,)))
     small = ("small_block_n", "small_block_k", "small_num_stages", "small_swap", "small_num_warps")
-    small_grid = list(itertools.product((32, 64, 128), (64, 128, 256), (3, 4), (0, 1), (4,)))
-    large = ("large_block_m", "large_block_n", "large_block_k", "large_num_stages", "large_num_warps")
-    large_grid = list(itertools.product((64, 128), (64, 128), (64, 128), (3, 4), (4, 8)))
-    return {"int4_m1": _grid("int4", 1, small, small_grid), "int8_m1": _grid("int8", 1, small, small_grid),
-            "fp8_m1": _grid("fp8", 1, small, small_grid[::2]), "int4_m64": _grid("int4", 64, small, small_grid[::2]),
-            "int8_m256": _grid("int8", 256, large, large_grid)}
+    small_grid = list(itertools.product((32, 64, 128), (64, 128), (4,), (0, 1), (4,)))
+    return {"int4_m1_gemv": _grid("int4", 1, gemv, gemv_grid), "int8_m1": _grid("int8", 1, small, small_grid),
+            "fp8_m1": _grid("fp8", 1, small, small_grid), "int4_m16": _grid("int4", 16, small, small_grid)}
 
 
 def main() -> None:
@@ -147,9 +147,9 @@ def main() -> None:
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "weights": "random", "group_size": GROUP, "tactics": dict(qg.TACTICS), "copy_GBps": copy_gbps()}
     res["gemm"] = bench_all([int(r) for r in a.rows.split(",")])
+    print(json.dumps(res, indent=1), flush=True)  # one JSON object per section: a cut-off run keeps the first
     if a.sweep:
-        res["sweep"] = sweep()
-    print(json.dumps(res, indent=1))
+        print(json.dumps({"sweep": sweep()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -130,3 +130,15 @@ def test_int4_dequantize_then_matmul_path(method, monkeypatch):
     layer = make_layer(method, 256, 80, group=64, bias=True, seed=31)
     x = torch.randn(9, 256, generator=torch.Generator().manual_seed(32))
     torch.testing.assert_close(run_kernel(layer, x), layer(x), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("group,block_k", [(32, 128), (64, 64), (128, 256)])
+def test_int4_gemv_groups_per_tile_and_split(group, block_k, monkeypatch):
+    """The CUDA-core GEMV for a few rows: one or several groups per K tile, with and without split K."""
+    monkeypatch.setitem(qg.TACTICS, "gemv_max_m", 3)
+    monkeypatch.setitem(qg.TACTICS, "gemv_block_k", block_k)
+    layer = make_layer("int4-awq", 512, 72, group=group, bias=True, seed=group)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(41))
+    for target in (1, 10_000):  # no split / split K as far as the tiles allow
+        monkeypatch.setitem(qg.TACTICS, "small_target_programs", target)
+        torch.testing.assert_close(run_kernel(layer, x), layer(x), atol=2e-4, rtol=1e-4)

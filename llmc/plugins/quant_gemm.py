@@ -31,6 +31,11 @@ import triton.language as tl
 from llmc.plugins.triton_compat import INTERPRET as _INTERPRET
 
 TACTICS: dict[str, int] = {
+    "gemv_max_m": 2,            # int4 rows up to this run one CUDA-core GEMV per row
+    "gemv_block_n": 64,
+    "gemv_block_k": 256,        # whole groups per K tile
+    "gemv_num_warps": 4,
+    "gemv_num_stages": 3,
     "small_m": 64,              # rows up to this use the decode tiling (16..64-row tiles)
     "small_swap": 1,            # decode tiling computes out^T = W x^T (weight as the wide MMA operand)
     "small_block_n": 32,
@@ -167,6 +172,46 @@ def _qgemm_kernel(x_ptr, xs_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, p
 
 
 @triton.jit
+def _int4_gemv_kernel(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, M, N, k_per_split,
+                      stride_xm, stride_wn, stride_sg, stride_om, GROUP: tl.constexpr, HAS_ISC: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One activation row against ``BLOCK_N`` int4 rows on the CUDA cores (no MMA padding to 16 rows).
+    A K tile spans ``BLOCK_K // GROUP`` whole groups; per group ``sum (q - z) x = sum q x - z sum x``."""
+    row, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NG: tl.constexpr = BLOCK_K // GROUP
+    HG: tl.constexpr = GROUP // 2
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_j = tl.arange(0, BLOCK_K // 2)
+    offs_g = tl.arange(0, NG)
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for i in range(0, k_per_split, BLOCK_K):
+        k0 = pid_k * k_per_split + i
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + row * stride_xm + offs_k).to(tl.float32)
+        if HAS_ISC:
+            x = x / tl.load(isc_ptr + offs_k)
+        xe, xo = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))
+        wp = tl.load(w_ptr + offs_n[:, None] * stride_wn + k0 // 2 + offs_j[None, :], mask=n_mask[:, None], other=0)
+        lo = tl.reshape((wp & 0xF).to(tl.float32), (BLOCK_N, NG, HG))
+        hi = tl.reshape((wp >> 4).to(tl.float32), (BLOCK_N, NG, HG))
+        xe3 = tl.reshape(xe, (NG, HG))
+        xo3 = tl.reshape(xo, (NG, HG))
+        d = tl.sum(lo * xe3[None, :, :] + hi * xo3[None, :, :], axis=2)  # [BLOCK_N, NG]
+        xsum = tl.sum(xe3 + xo3, axis=1)  # [NG]
+        gp = (k0 // GROUP + offs_g)[None, :] * stride_sg + offs_n[:, None]
+        z = tl.load(z_ptr + gp, mask=n_mask[:, None], other=0).to(tl.float32)
+        sc = tl.load(s_ptr + gp, mask=n_mask[:, None], other=0.0)
+        acc += tl.sum((d - z * xsum[None, :]) * sc, axis=1)
+    if SPLIT > 1:
+        tl.store(part_ptr + (pid_k * M + row) * N + offs_n, acc, mask=n_mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
 def _splitk_reduce_kernel(part_ptr, b_ptr, out_ptr, M, N, stride_om, SPLIT: tl.constexpr,
                           HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -245,6 +290,43 @@ def _dequant_linear(x, qweight, sg, zg, group, input_scale, bias):
     return torch.nn.functional.linear(x, w, bias)
 
 
+def _split_for(tiles_k: int, programs: int) -> int:
+    """Split K into whole tiles (at least 2 per split) until ``programs * split`` fills the GPU."""
+    split = 1
+    while (split * 2 <= TACTICS["small_max_split_k"] and programs * split < TACTICS["small_target_programs"]
+           and tiles_k % (split * 2) == 0 and tiles_k // (split * 2) >= 2):
+        split *= 2
+    return split
+
+
+def _reduce_splits(part, bias, out, split: int) -> None:
+    m, n = out.shape
+    blk = min(1024, triton.next_power_of_2(n))
+    _splitk_reduce_kernel[(m, triton.cdiv(n, blk))](part, bias if bias is not None else part, out, m, n,
+                                                    out.stride(0), SPLIT=split, HAS_BIAS=bias is not None,
+                                                    BLOCK=blk)
+
+
+def _int4_gemv(x, qweight, sg, zg, group, input_scale, bias, out):
+    m, k = x.shape
+    n = qweight.shape[0]
+    bn = TACTICS["gemv_block_n"]
+    bk = max(group, min(TACTICS["gemv_block_k"], k))
+    if k % bk:
+        bk = group
+    split = _split_for(k // bk, m * triton.cdiv(n, bn))
+    k_per_split = k // split
+    part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    _int4_gemv_kernel[(m, triton.cdiv(n, bn), split)](
+        x, input_scale if input_scale is not None else sg, qweight, sg, zg, bias if bias is not None else sg, out,
+        part, m, n, k_per_split, x.stride(0), qweight.stride(0), sg.stride(0), out.stride(0), GROUP=group,
+        HAS_ISC=input_scale is not None, HAS_BIAS=bias is not None and split == 1, SPLIT=split, BLOCK_N=bn,
+        BLOCK_K=bk, num_warps=TACTICS["gemv_num_warps"], num_stages=1 if _INTERPRET else TACTICS["gemv_num_stages"])
+    if split > 1:
+        _reduce_splits(part, bias, out, split)
+    return out
+
+
 def _scaled_mm_ok(m: int, n: int, k: int) -> bool:
     t = TACTICS["scaled_mm_min_m"]
     return (not _INTERPRET and t > 0 and m >= t and n % 16 == 0 and k % 16 == 0
@@ -291,6 +373,8 @@ def qgemm(x: torch.Tensor, method: str, qweight: torch.Tensor, scales: torch.Ten
         sg, zg = scales, scales
     if w_int4 and 0 < TACTICS["int4_dequant_min_m"] <= m:
         return _dequant_linear(x, qweight, sg, zg, group, input_scale, bias)
+    if w_int4 and m <= TACTICS["gemv_max_m"]:
+        return _int4_gemv(x, qweight, sg, zg, group, input_scale, bias, out)
     small = m <= TACTICS["small_m"]
     swap = False
     if small:
@@ -305,11 +389,7 @@ def qgemm(x: torch.Tensor, method: str, qweight: torch.Tensor, scales: torch.Ten
         raise ValueError(f"quantized GEMM: K={k} must be a multiple of 16")
     grid_mn = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     tiles_k = k // bk
-    split = 1
-    if small:  # split K (into whole tiles, at least 2 per split) until the grid fills the GPU
-        while (split * 2 <= TACTICS["small_max_split_k"] and grid_mn * split < TACTICS["small_target_programs"]
-               and tiles_k % (split * 2) == 0 and tiles_k // (split * 2) >= 2):
-            split *= 2
+    split = _split_for(tiles_k, grid_mn) if small else 1
     k_per_split = tiles_k // split * bk
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
     # IEEE fp32 dots for fp32 inputs (tf32 would miss fp32 tolerances) and under the interpreter, which
@@ -326,8 +406,5 @@ def qgemm(x: torch.Tensor, method: str, qweight: torch.Tensor, scales: torch.Ten
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
         num_stages=1 if _INTERPRET else stages)
     if split > 1:
-        blk = min(1024, triton.next_power_of_2(n))
-        _splitk_reduce_kernel[(m, triton.cdiv(n, blk))](part, bias if bias is not None else dummy, out, m, n,
-                                                        out.stride(0), SPLIT=split, HAS_BIAS=bias is not None,
-                                                        BLOCK=blk)
+        _reduce_splits(part, bias, out, split)
     return out
