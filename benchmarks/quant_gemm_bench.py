@@ -6,8 +6,8 @@ Shapes are Llama-2-7B's four projections (fused QKV, O, fused gate/up, down). Fo
 count: microseconds per call replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``: no
 Python launch overhead, as in an engine's decode step), each call on another copy of the weights (>= 256 MB
 in all, 5x the L2) so weights stream from HBM as in a decode step and the weight bytes read per second, beside a device copy measured in the
-same run. ``--sweep`` times a grid of the int4 GEMV tiling (``quant_gemm.TACTICS`` gemv_*) at one row and of
-the decode MMA tiling (small_*) for int8 and fp8 at one row and int4 at 16 rows, and reports the best (what the build-time tuner would store).
+same run. ``--sweep`` times a grid of the int4 GEMV tiling (``quant_gemm.TACTICS`` gemv_*) and of the fp8 decode
+tiling (small_*, fused activation quantization or not) at one row, and reports the best (what the build-time tuner would store).
 Prints the GEMM table as one JSON object, then the sweep as a second one. Random weights.
 """
 from __future__ import annotations
@@ -126,12 +126,11 @@ def _grid(method: str, rows: int, keys: tuple[str, ...], grid) -> dict:
 
 
 def sweep() -> dict:
-    gemv = ("gemv_block_n", "gemv_block_k", "gemv_num_warps", "gemv_num_stages")
-    gemv_grid = list(itertools.product((32, 64, 128), (128, 256, 512), (4, 8), (3,)))
-    small = ("small_block_n", "small_block_k", "small_num_stages", "small_swap", "small_num_warps")
-    small_grid = list(itertools.product((32, 64, 128), (64, 128), (4,), (0, 1), (4,)))
-    return {"int4_m1_gemv": _grid("int4", 1, gemv, gemv_grid), "int8_m1": _grid("int8", 1, small, small_grid),
-            "fp8_m1": _grid("fp8", 1, small, small_grid), "int4_m16": _grid("int4", 16, small, small_grid)}
+    gemv = ("gemv_block_n", "gemv_block_k", "gemv_num_warps", "gemv_words")
+    gemv_grid = list(itertools.product((16, 32, 64), (256, 512, 1024), (4, 8), (0, 1)))
+    small = ("small_block_n", "small_block_k", "fuse_act_quant", "small_swap")
+    small_grid = list(itertools.product((32, 64), (128, 256), (0, 1), (0, 1)))
+    return {"int4_m1_gemv": _grid("int4", 1, gemv, gemv_grid), "fp8_m1": _grid("fp8", 1, small, small_grid)}
 
 
 def main() -> None:

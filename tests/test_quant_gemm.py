@@ -132,13 +132,26 @@ def test_int4_dequantize_then_matmul_path(method, monkeypatch):
     torch.testing.assert_close(run_kernel(layer, x), layer(x), atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("group,block_k", [(32, 128), (64, 64), (128, 256)])
-def test_int4_gemv_groups_per_tile_and_split(group, block_k, monkeypatch):
-    """The CUDA-core GEMV for a few rows: one or several groups per K tile, with and without split K."""
+@pytest.mark.parametrize("group,block_k,k", [(32, 128, 448), (64, 64, 448), (64, 256, 448), (128, 256, 512)])
+@pytest.mark.parametrize("words", [0, 1])
+def test_int4_gemv_groups_per_tile_and_split(group, block_k, k, words, monkeypatch):
+    """The CUDA-core GEMV for a few rows: one or several groups per K tile, K not a multiple of the tile
+    (ragged last split), bytes or int32 words, with and without split K."""
     monkeypatch.setitem(qg.TACTICS, "gemv_max_m", 3)
     monkeypatch.setitem(qg.TACTICS, "gemv_block_k", block_k)
-    layer = make_layer("int4-awq", 512, 72, group=group, bias=True, seed=group)
-    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(41))
+    monkeypatch.setitem(qg.TACTICS, "gemv_words", words)
+    layer = make_layer("int4-awq", k, 72, group=group, bias=True, seed=group)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(41))
     for target in (1, 10_000):  # no split / split K as far as the tiles allow
         monkeypatch.setitem(qg.TACTICS, "small_target_programs", target)
         torch.testing.assert_close(run_kernel(layer, x), layer(x), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fuse", [0, 1])
+def test_w8a8_fused_activation_quantization(fuse, monkeypatch):
+    """Decode rows quantize their activations inside the GEMM (fused) or in a separate kernel: both equal
+    the reference, including SmoothQuant's input scale."""
+    monkeypatch.setitem(qg.TACTICS, "fuse_act_quant", fuse)
+    layer = make_layer("w8a8", 384, 40, group=0, bias=False, seed=51)
+    x = torch.randn(5, 384, generator=torch.Generator().manual_seed(52)) * 4
+    torch.testing.assert_close(run_kernel(layer, x), layer(x), atol=2e-4, rtol=1e-4)

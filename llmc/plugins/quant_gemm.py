@@ -32,10 +32,11 @@ from llmc.plugins.triton_compat import INTERPRET as _INTERPRET
 
 TACTICS: dict[str, int] = {
     "gemv_max_m": 2,            # int4 rows up to this run one CUDA-core GEMV per row
-    "gemv_block_n": 64,
-    "gemv_block_k": 256,        # whole groups per K tile
+    "gemv_block_n": 32,         # H100 sweep at one row (Llama-2-7B projections, bytes): 32 x 512 best
+    "gemv_block_k": 512,        # whole groups per K tile
     "gemv_num_warps": 4,
     "gemv_num_stages": 3,
+    "gemv_words": 1,            # read packed int4 as int32 words (8 nibbles) instead of bytes
     "small_m": 64,              # rows up to this use the decode tiling (16..64-row tiles)
     "small_swap": 1,            # decode tiling computes out^T = W x^T (weight as the wide MMA operand)
     "small_block_n": 32,
@@ -49,6 +50,7 @@ TACTICS: dict[str, int] = {
     "large_block_k": 64,
     "large_num_warps": 4,
     "large_num_stages": 3,
+    "fuse_act_quant": 1,        # decode rows: quantize fp8/int8 activations inside the GEMM
     "native_dot": 1,            # fp8/int8 activations: dot on the quantized operands (else via bf16)
     "int4_dequant_min_m": 128,  # int4 rows from which the weight is dequantized to bf16 for cuBLAS (0: never)
     "scaled_mm_min_m": 17,      # fp8 rows from which cuBLASLt's FP8 GEMM is used (0 disables)
@@ -107,8 +109,11 @@ def _qgemm_kernel(x_ptr, xs_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, p
                   M, N, K, k_per_split, stride_xm, stride_wn, stride_sg, stride_om,
                   W_INT4: tl.constexpr, GROUP: tl.constexpr, X_QUANT: tl.constexpr, HAS_ISC: tl.constexpr,
                   HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, NATIVE_DOT: tl.constexpr,
-                  SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``SWAP`` computes ``out^T = W x^T``: the weight tile is the MMA's wide left operand (it can stay in
+                  SWAP: tl.constexpr, FUSE_ACT: tl.constexpr, ACT_FP8: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``FUSE_ACT``: ``x`` is the float input and each program quantizes its rows itself (a first pass for
+    the per-token absmax, then quantize-on-load), saving the activation-quantization launch per linear.
+    ``SWAP`` computes ``out^T = W x^T``: the weight tile is the MMA's wide left operand (it can stay in
     registers on Hopper) and the few activation rows its narrow right one; the accumulator is [N, M]."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -119,6 +124,19 @@ def _qgemm_kernel(x_ptr, xs_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, p
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if FUSE_ACT:  # per-token absmax over the whole row (the same for every program of this row tile)
+        amax = tl.zeros((BLOCK_M,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            v = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+            v = v.to(tl.float32)
+            if HAS_ISC:
+                v = v / tl.load(isc_ptr + offs_k)[None, :]
+            amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
+        if ACT_FP8:
+            x_scale = tl.maximum(amax, 1e-12) / 448.0
+        else:
+            x_scale = tl.maximum(amax, 1e-8) / 127.0
     for i in range(0, k_per_split, BLOCK_K):  # host-int bounds: each split owns whole tiles, no K masks
         k0 = pid_k * k_per_split + i
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -126,6 +144,12 @@ def _qgemm_kernel(x_ptr, xs_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, p
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None])
         if HAS_ISC:
             x = x.to(tl.float32) / tl.load(isc_ptr + offs_k)[None, :]
+        if FUSE_ACT:
+            v = x.to(tl.float32) / x_scale[:, None]
+            if ACT_FP8:
+                x = tl.minimum(tl.maximum(v, -448.0), 448.0).to(w_ptr.dtype.element_ty)
+            else:
+                x = tl.minimum(tl.maximum(_round_half_even(v), -127.0), 127.0).to(tl.int8)
         if W_INT4:
             # low nibbles hold the even inputs, high the odd: split x instead of interleaving the weight.
             # sum_k (q - z) x = sum_k q x - z sum_k x, so the MMAs see the raw nibbles (exact in 16 bits).
@@ -159,7 +183,9 @@ def _qgemm_kernel(x_ptr, xs_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, p
         acc = tl.trans(acc)
     if not W_INT4:
         acc = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    if X_QUANT:
+    if FUSE_ACT:
+        acc = acc * x_scale[:, None]
+    elif X_QUANT:
         acc = acc * tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[:, None]
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT > 1:
@@ -172,36 +198,49 @@ def _qgemm_kernel(x_ptr, xs_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, p
 
 
 @triton.jit
-def _int4_gemv_kernel(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, M, N, k_per_split,
+def _int4_gemv_kernel(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, M, N, K, k_per_split,
                       stride_xm, stride_wn, stride_sg, stride_om, GROUP: tl.constexpr, HAS_ISC: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
     """One activation row against ``BLOCK_N`` int4 rows on the CUDA cores (no MMA padding to 16 rows).
-    A K tile spans ``BLOCK_K // GROUP`` whole groups; per group ``sum (q - z) x = sum q x - z sum x``."""
+    A K tile spans ``BLOCK_K // GROUP`` whole groups; per group ``sum (q - z) x = sum q x - z sum x``.
+    ``WORDS``: read the packed weight as int32 words of 8 nibbles (k = 8 * word + nibble), else as bytes.
+    The last split may be ragged: tiles past K are masked (they add zero)."""
     row, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NG: tl.constexpr = BLOCK_K // GROUP
-    HG: tl.constexpr = GROUP // 2
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_j = tl.arange(0, BLOCK_K // 2)
     offs_g = tl.arange(0, NG)
     acc = tl.zeros((BLOCK_N,), tl.float32)
     for i in range(0, k_per_split, BLOCK_K):
         k0 = pid_k * k_per_split + i
+        live = k0 < K
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + row * stride_xm + offs_k).to(tl.float32)
+        x = tl.load(x_ptr + row * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
         if HAS_ISC:
-            x = x / tl.load(isc_ptr + offs_k)
-        xe, xo = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))
-        wp = tl.load(w_ptr + offs_n[:, None] * stride_wn + k0 // 2 + offs_j[None, :], mask=n_mask[:, None], other=0)
-        lo = tl.reshape((wp & 0xF).to(tl.float32), (BLOCK_N, NG, HG))
-        hi = tl.reshape((wp >> 4).to(tl.float32), (BLOCK_N, NG, HG))
-        xe3 = tl.reshape(xe, (NG, HG))
-        xo3 = tl.reshape(xo, (NG, HG))
-        d = tl.sum(lo * xe3[None, :, :] + hi * xo3[None, :, :], axis=2)  # [BLOCK_N, NG]
-        xsum = tl.sum(xe3 + xo3, axis=1)  # [NG]
+            x = x / tl.load(isc_ptr + offs_k, mask=offs_k < K, other=1.0)
+        wmask = n_mask[:, None] & live
+        if WORDS:
+            offs_w = tl.arange(0, BLOCK_K // 8)
+            wv = tl.load(w_ptr + offs_n[:, None] * stride_wn + k0 // 8 + offs_w[None, :], mask=wmask, other=0)
+            q = (wv[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF
+            q = tl.reshape(q.to(tl.float32), (BLOCK_N, NG, GROUP))
+            x3 = tl.reshape(x, (NG, GROUP))
+            d = tl.sum(q * x3[None, :, :], axis=2)  # [BLOCK_N, NG]
+            xsum = tl.sum(x3, axis=1)
+        else:
+            xe, xo = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))
+            offs_j = tl.arange(0, BLOCK_K // 2)
+            wp = tl.load(w_ptr + offs_n[:, None] * stride_wn + k0 // 2 + offs_j[None, :], mask=wmask, other=0)
+            lo = tl.reshape((wp & 0xF).to(tl.float32), (BLOCK_N, NG, GROUP // 2))
+            hi = tl.reshape((wp >> 4).to(tl.float32), (BLOCK_N, NG, GROUP // 2))
+            xe3 = tl.reshape(xe, (NG, GROUP // 2))
+            xo3 = tl.reshape(xo, (NG, GROUP // 2))
+            d = tl.sum(lo * xe3[None, :, :] + hi * xo3[None, :, :], axis=2)
+            xsum = tl.sum(xe3 + xo3, axis=1)
         gp = (k0 // GROUP + offs_g)[None, :] * stride_sg + offs_n[:, None]
-        z = tl.load(z_ptr + gp, mask=n_mask[:, None], other=0).to(tl.float32)
-        sc = tl.load(s_ptr + gp, mask=n_mask[:, None], other=0.0)
+        z = tl.load(z_ptr + gp, mask=wmask, other=0).to(tl.float32)
+        sc = tl.load(s_ptr + gp, mask=wmask, other=0.0)
         acc += tl.sum((d - z * xsum[None, :]) * sc, axis=1)
     if SPLIT > 1:
         tl.store(part_ptr + (pid_k * M + row) * N + offs_n, acc, mask=n_mask)
@@ -311,17 +350,21 @@ def _int4_gemv(x, qweight, sg, zg, group, input_scale, bias, out):
     m, k = x.shape
     n = qweight.shape[0]
     bn = TACTICS["gemv_block_n"]
-    bk = max(group, min(TACTICS["gemv_block_k"], k))
-    if k % bk:
-        bk = group
-    split = _split_for(k // bk, m * triton.cdiv(n, bn))
-    k_per_split = k // split
+    bk = max(group, min(TACTICS["gemv_block_k"], triton.next_power_of_2(k)))
+    tiles = triton.cdiv(k, bk)
+    programs = m * triton.cdiv(n, bn)  # ragged splits: any count, tiles past K are masked in the kernel
+    split = max(1, min(TACTICS["small_max_split_k"], TACTICS["small_target_programs"] // programs, tiles))
+    per_split = triton.cdiv(tiles, split)
+    split = triton.cdiv(tiles, per_split)
+    words = bool(TACTICS["gemv_words"]) and qweight.stride(0) % 4 == 0
+    w = qweight.view(torch.int32) if words else qweight
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
     _int4_gemv_kernel[(m, triton.cdiv(n, bn), split)](
-        x, input_scale if input_scale is not None else sg, qweight, sg, zg, bias if bias is not None else sg, out,
-        part, m, n, k_per_split, x.stride(0), qweight.stride(0), sg.stride(0), out.stride(0), GROUP=group,
-        HAS_ISC=input_scale is not None, HAS_BIAS=bias is not None and split == 1, SPLIT=split, BLOCK_N=bn,
-        BLOCK_K=bk, num_warps=TACTICS["gemv_num_warps"], num_stages=1 if _INTERPRET else TACTICS["gemv_num_stages"])
+        x, input_scale if input_scale is not None else sg, w, sg, zg, bias if bias is not None else sg, out,
+        part, m, n, k, per_split * bk, x.stride(0), w.stride(0), sg.stride(0), out.stride(0), GROUP=group,
+        HAS_ISC=input_scale is not None, HAS_BIAS=bias is not None and split == 1, SPLIT=split, WORDS=words,
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=TACTICS["gemv_num_warps"],
+        num_stages=1 if _INTERPRET else TACTICS["gemv_num_stages"])
     if split > 1:
         _reduce_splits(part, bias, out, split)
     return out
@@ -350,7 +393,11 @@ def qgemm(x: torch.Tensor, method: str, qweight: torch.Tensor, scales: torch.Ten
     w_int4 = method in ("int4", "int4-awq")
     x_quant = method in ("fp8", "w8a8")
     xs = None
-    if x_quant:
+    # decode rows: the GEMM quantizes its own activations (fp8 only on the GPU: the interpreter's e4m3
+    # rounding is wrong)
+    fuse = (x_quant and m <= TACTICS["small_m"] and bool(TACTICS["fuse_act_quant"])
+            and not (method == "fp8" and _INTERPRET))
+    if x_quant and not fuse:
         x, xs = quantize_activations(x, method, input_scale)
         if method == "fp8" and out.dtype == torch.bfloat16 and _scaled_mm_ok(m, n, k):
             y = torch._scaled_mm(x, qweight.t(), scale_a=xs[:, None], scale_b=scales[None, :].float(),
@@ -394,16 +441,17 @@ def qgemm(x: torch.Tensor, method: str, qweight: torch.Tensor, scales: torch.Ten
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
     # IEEE fp32 dots for fp32 inputs (tf32 would miss fp32 tolerances) and under the interpreter, which
     # multiplies bf16 dot operands as raw bits; else 16-bit tensor cores.
-    ieee = x.dtype == torch.float32 or _INTERPRET
+    ieee = (x.dtype == torch.float32 and not fuse) or _INTERPRET
     dummy = scales
     _qgemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split)](
-        x, xs if xs is not None else dummy, input_scale if (input_scale is not None and not x_quant) else dummy,
+        x, xs if xs is not None else dummy,
+        input_scale if (input_scale is not None and (fuse or not x_quant)) else dummy,
         qweight, sg, zg, bias if bias is not None else dummy, out, part,
         m, n, k, k_per_split, x.stride(0), qweight.stride(0), sg.stride(0) if w_int4 else 0, out.stride(0),
         W_INT4=w_int4, GROUP=group if w_int4 else 1, X_QUANT=x_quant,
-        HAS_ISC=input_scale is not None and not x_quant, HAS_BIAS=bias is not None and split == 1,
+        HAS_ISC=input_scale is not None and (fuse or not x_quant), HAS_BIAS=bias is not None and split == 1,
         SPLIT=split, IEEE=ieee, NATIVE_DOT=x_quant and not ieee and bool(TACTICS["native_dot"]), SWAP=swap,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        FUSE_ACT=fuse, ACT_FP8=method == "fp8", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
         num_stages=1 if _INTERPRET else stages)
     if split > 1:
         _reduce_splits(part, bias, out, split)
