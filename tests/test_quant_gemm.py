@@ -141,10 +141,18 @@ def test_int4_gemv_groups_per_tile_and_split(group, block_k, k, words, monkeypat
     monkeypatch.setitem(qg.TACTICS, "gemv_block_k", block_k)
     monkeypatch.setitem(qg.TACTICS, "gemv_words", words)
     layer = make_layer("int4-awq", k, 72, group=group, bias=True, seed=group)
+    # a ragged last tile must not read past K: give the kernel views into buffers poisoned with NaN scales
+    big = torch.full((k // group + 4, 72), float("nan"))
+    big[: k // group] = layer.scales.t()
+    scales_gn = big[: k // group]
     x = torch.randn(3, k, generator=torch.Generator().manual_seed(41))
+    p = {name: t.to(DEV) for name, t in layer.named_parameters()}
     for target in (1, 10_000):  # no split / split K as far as the tiles allow
         monkeypatch.setitem(qg.TACTICS, "small_target_programs", target)
         torch.testing.assert_close(run_kernel(layer, x), layer(x), atol=2e-4, rtol=1e-4)
+        out = qg.qgemm(x.to(DEV), "int4-awq", p["qweight"], p["scales"], p["zeros"], group, p["input_scale"],
+                       p["bias"], scales_gn.to(DEV), layer.zeros.t().contiguous().to(DEV)).cpu()
+        torch.testing.assert_close(out, layer(x), atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("fuse", [0, 1])

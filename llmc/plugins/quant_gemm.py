@@ -214,14 +214,13 @@ def _int4_gemv_kernel(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_
     acc = tl.zeros((BLOCK_N,), tl.float32)
     for i in range(0, k_per_split, BLOCK_K):
         k0 = pid_k * k_per_split + i
-        live = k0 < K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + row * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
         if HAS_ISC:
             x = x / tl.load(isc_ptr + offs_k, mask=offs_k < K, other=1.0)
-        wmask = n_mask[:, None] & live
         if WORDS:
             offs_w = tl.arange(0, BLOCK_K // 8)
+            wmask = n_mask[:, None] & (k0 + 8 * offs_w < K)[None, :]
             wv = tl.load(w_ptr + offs_n[:, None] * stride_wn + k0 // 8 + offs_w[None, :], mask=wmask, other=0)
             q = (wv[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF
             q = tl.reshape(q.to(tl.float32), (BLOCK_N, NG, GROUP))
@@ -231,6 +230,7 @@ def _int4_gemv_kernel(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_
         else:
             xe, xo = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))
             offs_j = tl.arange(0, BLOCK_K // 2)
+            wmask = n_mask[:, None] & (k0 + 2 * offs_j < K)[None, :]
             wp = tl.load(w_ptr + offs_n[:, None] * stride_wn + k0 // 2 + offs_j[None, :], mask=wmask, other=0)
             lo = tl.reshape((wp & 0xF).to(tl.float32), (BLOCK_N, NG, GROUP // 2))
             hi = tl.reshape((wp >> 4).to(tl.float32), (BLOCK_N, NG, GROUP // 2))
@@ -239,8 +239,9 @@ def _int4_gemv_kernel(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_
             d = tl.sum(lo * xe3[None, :, :] + hi * xo3[None, :, :], axis=2)
             xsum = tl.sum(xe3 + xo3, axis=1)
         gp = (k0 // GROUP + offs_g)[None, :] * stride_sg + offs_n[:, None]
-        z = tl.load(z_ptr + gp, mask=wmask, other=0).to(tl.float32)
-        sc = tl.load(s_ptr + gp, mask=wmask, other=0.0)
+        gmask = n_mask[:, None] & (k0 + offs_g * GROUP < K)[None, :]  # K % GROUP == 0: whole groups
+        z = tl.load(z_ptr + gp, mask=gmask, other=0).to(tl.float32)
+        sc = tl.load(s_ptr + gp, mask=gmask, other=0.0)
         acc += tl.sum((d - z * xsum[None, :]) * sc, axis=1)
     if SPLIT > 1:
         tl.store(part_ptr + (pid_k * M + row) * N + offs_n, acc, mask=n_mask)
