@@ -2,7 +2,8 @@
 # Device call: batch-1 decode of the Llama-2-7B shape (synthetic random weights) in bf16 and each quantized
 # format, beside Hugging Face transformers (eager bf16) in the same run; one JSON per format in $OUT.
 # QUANTS picks the formats (default "none int8 int4 fp8"); each engine is built, measured on the otherwise
-# idle GPU and deleted before the next (KEEP=1 keeps them).
+# idle GPU and deleted before the next (KEEP="none fp8" keeps those). THROUGHPUT="none fp8" then runs
+# `llmc bench throughput` (512 requests, 128 in / 128 out, max batch 64) on the kept engines.
 set -u
 OUT=${OUT:-/tmp/llmc-out}
 mkdir -p "$OUT"
@@ -19,7 +20,7 @@ for q in $QUANTS; do  # one engine on disk at a time (the 64 GB disk holds the c
   hf=""; [ "$q" = none ] && hf="--hf"
   python3 benchmarks/decode_latency.py /tmp/en-$q --batch 1 --steps $STEPS $hf --profile \
     > "$OUT/decode_$q.json" 2>> "$OUT/err.log" || tail -5 "/tmp/build-$q.log" >> "$OUT/err.log"
-  [ "${KEEP:-}" = 1 ] || rm -rf /tmp/en-$q
+  case " ${KEEP:-} " in *" $q "*) ;; *) rm -rf /tmp/en-$q ;; esac
   python3 - "$OUT/decode_$q.json" <<'PY'
 import json, sys
 try:
@@ -33,5 +34,9 @@ print(d["quant"], "weights GB", round(d["weight_GB"], 2), "ms/step", round(l["ms
 for r in d.get("profile", [])[:8]:
     print("   ", round(r["device_ms_per_step"], 3), r["calls"], r["name"])
 PY
+done
+for q in ${THROUGHPUT:-}; do
+  python3 -m llmc.cli bench throughput /tmp/en-$q -n 512 --input-len 128 --output-len 128 --device cuda \
+    --gpu-memory-utilization 0.9 -o "$OUT/throughput_$q.json" 2>> "$OUT/err.log" | tail -12
 done
 echo "total $(( $(date +%s) - t0 )) s"; tail -8 "$OUT/err.log" 2>/dev/null
