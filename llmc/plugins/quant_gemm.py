@@ -105,7 +105,7 @@ def _mm(a, b, acc, IEEE: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # the row count varies per step: never recompile for it
 def _qgemm_kernel(x_ptr, xs_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr,
                   M, N, K, k_per_split, stride_xm, stride_wn, stride_sg, stride_om,
                   W_INT4: tl.constexpr, GROUP: tl.constexpr, X_QUANT: tl.constexpr, HAS_ISC: tl.constexpr,
@@ -198,7 +198,7 @@ def _qgemm_kernel(x_ptr, xs_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, p
                  mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _int4_gemv_kernel(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, M, N, K, k_per_split,
                       stride_xm, stride_wn, stride_sg, stride_om, GROUP: tl.constexpr, HAS_ISC: tl.constexpr,
                       HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -252,7 +252,7 @@ def _int4_gemv_kernel(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_
         tl.store(out_ptr + row * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _splitk_reduce_kernel(part_ptr, b_ptr, out_ptr, M, N, stride_om, SPLIT: tl.constexpr,
                           HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)

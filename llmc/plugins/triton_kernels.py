@@ -126,7 +126,7 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 
 # ============================================================================ decode attention
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # varies per step: no recompiles
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr,
                    bt_ptr, seqlen_ptr, qsl_ptr, qk_scale, num_splits,
                    stride_qt, stride_qh, stride_ot, stride_oh,
@@ -209,7 +209,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_pt
                  o.to(out_ptr.dtype.element_ty), mask=smask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(ws_m_ptr, ws_l_ptr, ws_acc_ptr, out_ptr, qsl_ptr, num_splits, stride_ot, stride_oh,
                          NUM_Q_HEADS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr,
                          DECODE_ONLY: tl.constexpr):
@@ -334,7 +334,7 @@ def _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, 
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_tiles"])  # vary per step: no recompiles
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seqlen_ptr, qsl_ptr, qk_scale, num_seqs, num_tiles,
                     stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
