@@ -69,10 +69,12 @@ def convert(model, output, dtype, allow_pickle, quant, group_size, calib_data, c
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Target device; cuda tunes kernels for the GPU on this machine.")
 @click.option("--tp-size", type=int, default=1, show_default=True)
+@click.option("--tune/--no-tune", default=True, show_default=True,
+              help="With --device cuda: time kernel variants on this GPU and store the fastest in the engine.")
 @quant_options
 @user_errors
 def build(checkpoint, output, max_batch_size, max_seq_len, max_num_tokens, block_size, dtype, kv_cache_dtype,
-          device, tp_size, quant, group_size, calib_data, calib_samples, calib_seq_len):
+          device, tp_size, tune, quant, group_size, calib_data, calib_samples, calib_seq_len):
     """Build an engine from a checkpoint."""
     from llmc.build.builder import build as do_build
     from llmc.config import BuildConfig
@@ -83,7 +85,7 @@ def build(checkpoint, output, max_batch_size, max_seq_len, max_num_tokens, block
     cfg = BuildConfig(max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_num_tokens=max_num_tokens,
                       kv_cache_dtype=kv_cache_dtype, block_size=block_size, dtype=dtype, device=device,
                       tp_size=tp_size)
-    out = do_build(checkpoint, output, cfg, quant=quant,
+    out = do_build(checkpoint, output, cfg, quant=quant, tune=tune,
                    **(_quant_kwargs(group_size, calib_data, calib_samples, calib_seq_len) if quant else {}))
     click.echo(f"engine written to {out}")
 

@@ -69,8 +69,9 @@ def engine_tensors(ckpt_tensors: Iterable[tuple[str, torch.Tensor]], num_layers:
 
 
 def build(ckpt_dir: str | Path, out: str | Path, cfg: BuildConfig | None = None, quant: str | None = None,
-          **quant_options) -> Path:
-    """Build an engine from a checkpoint; with ``quant``, quantize an unquantized checkpoint first."""
+          tune: bool = True, **quant_options) -> Path:
+    """Build an engine from a checkpoint; with ``quant``, quantize an unquantized checkpoint first. With
+    ``cfg.device == 'cuda'`` and ``tune``, time kernel variants on this GPU and store the winners."""
     cfg = cfg or BuildConfig()
     out = Path(out)
     ckpt = load_checkpoint(ckpt_dir)
@@ -83,7 +84,7 @@ def build(ckpt_dir: str | Path, out: str | Path, cfg: BuildConfig | None = None,
 
         with tempfile.TemporaryDirectory(prefix="llmc-quant-") as tmp:
             quantize_checkpoint(ckpt_dir, tmp, quant, **quant_options)
-            return build(tmp, out, cfg)
+            return build(tmp, out, cfg, tune=tune)
     model = ckpt.config
     if cfg.max_seq_len > model.max_position_embeddings:
         raise ConfigError(f"--max-seq-len {cfg.max_seq_len} exceeds the model's context "
@@ -101,6 +102,10 @@ def build(ckpt_dir: str | Path, out: str | Path, cfg: BuildConfig | None = None,
             raise ConfigError("--device cuda needs a CUDA GPU on the build machine; build on the serving GPU")
         target = here
     check_shardable(model, ckpt.quant.enabled, cfg.tp_size)
+    if cfg.device == "cuda" and tune:
+        from llmc.build.tuning import tune as tune_kernels
+
+        tactics = tune_kernels(model, cfg, ckpt.quant)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "engine.json").unlink(missing_ok=True)

@@ -58,6 +58,10 @@ class ModelRunner:
             torch.set_flush_denormal(True)  # denormals in attention made CPU steps up to 20x slower
         self.block_size = engine.build.block_size
         self.max_seq_len = engine.build.max_seq_len
+        if self.device.type == "cuda" and engine.tactics:
+            from llmc.build.tuning import apply_tactics
+
+            apply_tactics(engine.tactics)  # the kernel variants `llmc build --device cuda` timed fastest here
         self.tp = tp
         self.rank = tp.layout.rank if tp is not None else 0
         self.num_kv_heads = tp.layout.kv_heads if tp is not None else self.config.num_key_value_heads

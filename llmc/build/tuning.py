@@ -1,0 +1,191 @@
+"""Build-time tactic selection (``llmc build --device cuda``), in the spirit of TensorRT's builder.
+
+Each Triton module keeps its tile sizes in a module-level ``TACTICS`` dict that its launches read on every
+call. The tuner times a small grid of variants per kernel family on this model's shapes on this GPU,
+checks every variant's output against the default tactics' output (a variant that fails to compile, runs
+out of shared memory or computes something else is dropped), and keeps the fastest. The engine stores the
+overrides per module plus a record of what was timed; the runner applies them when it loads the engine on
+CUDA (``apply_tactics``), and ``load_engine`` already refuses an engine tuned for another compute capability.
+
+``TACTICS`` are process-wide: two engines with different tunings in one process share the last applied.
+"""
+from __future__ import annotations
+
+import importlib
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from tqdm import tqdm
+
+from llmc.config import BuildConfig, ModelConfig, QuantConfig
+from llmc.errors import ConfigError
+
+TUNABLE_MODULES = ("triton_kernels", "quant_gemm")
+Timer = Callable[[Callable[[], Any]], float]
+
+
+@dataclass
+class Family:
+    """One kernel family: the TACTICS keys it owns, the candidate values, and cases to time."""
+
+    name: str
+    module: str
+    keys: tuple[str, ...]
+    candidates: list[tuple]
+    cases: list[Callable[[], torch.Tensor]]
+
+
+def _module(name: str):
+    return importlib.import_module(f"llmc.plugins.{name}")
+
+
+def cuda_graph_timer(fn: Callable[[], Any]) -> float:
+    """Milliseconds per call, replayed from a CUDA graph (launch overhead excluded, as in a decode step)."""
+    import triton.testing as tt
+
+    return tt.do_bench_cudagraph(fn, rep=20)
+
+
+def _attention_families(model: ModelConfig, build: BuildConfig, device: str, dtype: torch.dtype) -> list[Family]:
+    from llmc.plugins import triton_kernels as tk
+    from llmc.plugins.metadata import AttentionMetadata
+
+    hq, hkv, d, page = model.num_attention_heads, model.num_key_value_heads, model.head_dim, build.block_size
+    g = torch.Generator().manual_seed(0)
+
+    def batch(q_lens: list[int], ctx: list[int]):
+        tables, used = [], 0
+        for c in ctx:
+            nb = -(-c // page)
+            tables.append(list(range(used, used + nb)))
+            used += nb
+        meta = AttentionMetadata.build(q_lens, ctx, tables, page, device)
+        q = torch.randn(sum(q_lens), hq, d, generator=g).to(device, dtype)
+        kc = torch.randn(used, page, hkv, d, generator=g).to(device, dtype)
+        vc = torch.randn(used, page, hkv, d, generator=g).to(device, dtype)
+        return lambda: tk.paged_attention(q, kc, vc, meta, d ** -0.5)
+
+    b = min(build.max_batch_size, 32)
+    ctx = min(build.max_seq_len, 2048)
+    decode_cases = [batch([1] * b, [ctx] * b), batch([1], [min(build.max_seq_len, 8192)])]
+    n = max(4, min(build.max_num_tokens, 4096) // 4)
+    prefill_cases = [batch([n] * 4, [n] * 4)]
+    return [
+        Family("attention decode", "triton_kernels", ("decode_block_n", "decode_num_warps", "decode_num_stages"),
+               list(itertools.product((32, 64, 128), (4, 8), (2, 3))), decode_cases),
+        Family("attention prefill", "triton_kernels",
+               ("prefill_block_m", "prefill_block_n", "prefill_num_warps", "prefill_num_stages"),
+               [(m, nn, w, s) for m, nn in ((64, 64), (128, 64), (64, 128), (128, 32)) for w in (4, 8)
+                for s in (2, 3)], prefill_cases),
+    ]
+
+
+def _gemm_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: torch.dtype) -> list[Family]:
+    from llmc.convert.quantize import quantize_projection
+    from llmc.models.quant_linear import group_size_of
+    from llmc.plugins import quant_gemm as qg
+
+    h, i = model.hidden_size, model.intermediate_size
+    qkv = (model.num_attention_heads + 2 * model.num_key_value_heads) * model.head_dim
+    shapes = [(qkv, h), (h, model.num_attention_heads * model.head_dim), (2 * i, h), (h, i)]
+    group = group_size_of(quant) if quant.method in ("int4", "int4-awq") else 0
+    g = torch.Generator().manual_seed(1)
+    cases = []
+    for n, k in shapes:
+        t = {name: v.to(device) for name, v in
+             quantize_projection(quant.method, torch.randn(n, k, generator=g) * 0.02, group or None).items()}
+        isc = torch.ones(k, device=device) if quant.method in ("int4-awq", "w8a8") else None
+        x = torch.randn(1, k, generator=g).to(device, dtype)
+        sg = t["scales"].t().contiguous() if group else None
+        zg = t["zeros"].t().contiguous() if group else None
+        cases.append(lambda x=x, t=t, isc=isc, sg=sg, zg=zg: qg.qgemm(
+            x, quant.method, t["qweight"], t["scales"], t.get("zeros"), group, isc, None, sg, zg))
+    if group:
+        return [Family("int4 GEMV (1 row)", "quant_gemm", ("gemv_block_n", "gemv_block_k", "gemv_num_warps"),
+                       list(itertools.product((16, 32, 64), (256, 512, 1024), (4, 8))), cases)]
+    return [Family(f"{quant.method} GEMM (decode rows)", "quant_gemm",
+                   ("small_block_n", "small_block_k", "small_swap"),
+                   list(itertools.product((32, 64), (128, 256), (0, 1))), cases)]
+
+
+def tune_family(fam: Family, timer: Timer, tol: float, bar=None, seconds: float = 30.0) -> dict[str, Any]:
+    """Time every candidate of ``fam`` (within ``seconds``); returns the winner and the per-candidate times.
+    The module's TACTICS are restored afterwards."""
+    tactics = _module(fam.module).TACTICS
+    saved = dict(tactics)
+    default = tuple(saved[k] for k in fam.keys)
+    refs = [case() for case in fam.cases]
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    candidates = [default] + [c for c in fam.candidates if c != default]
+    try:
+        for cand in candidates:
+            if bar is not None:
+                bar.update(1)
+            if time.perf_counter() - t0 > seconds and rows:
+                rows.append({"cfg": list(cand), "skipped": "time budget"})
+                continue
+            tactics.update(zip(fam.keys, cand))
+            try:
+                for case, ref in zip(fam.cases, refs):
+                    out = case()
+                    if not torch.allclose(out.float(), ref.float(), atol=tol, rtol=tol):
+                        raise ValueError("output differs from the default tactics'")
+                ms = sum(timer(case) for case in fam.cases)
+                rows.append({"cfg": list(cand), "ms": ms})
+            except Exception as e:  # noqa: BLE001 - a variant that cannot run is dropped, not fatal
+                rows.append({"cfg": list(cand), "error": f"{type(e).__name__}: {str(e)[:120]}"})
+            finally:
+                tactics.clear()
+                tactics.update(saved)
+    finally:
+        tactics.clear()
+        tactics.update(saved)
+    timed = [r for r in rows if "ms" in r]
+    if not timed:
+        raise ConfigError(f"tuning {fam.name}: no variant ran, the default included ({rows[0].get('error')}); "
+                          "build with --no-tune to skip tuning")
+    best = min(timed, key=lambda r: r["ms"])
+    default_ms = next((r["ms"] for r in timed if tuple(r["cfg"]) == default), None)
+    return {"family": fam.name, "module": fam.module, "keys": list(fam.keys), "winner": dict(zip(fam.keys, best["cfg"])),
+            "winner_ms": best["ms"], "default_ms": default_ms, "candidates": rows}
+
+
+def tune(model: ModelConfig, build: BuildConfig, quant: QuantConfig, device: str = "cuda",
+         timer: Timer | None = None, show_progress: bool = True, seconds_per_family: float = 30.0) -> dict[str, Any]:
+    """Tactics for ``engine.json``: ``{module: {key: value}}`` plus ``"tuning"`` (what was timed)."""
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[build.dtype]
+    t0 = time.perf_counter()
+    fams = _attention_families(model, build, device, dtype)
+    if quant.enabled:
+        fams += _gemm_families(model, quant, device, dtype)
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    out: dict[str, Any] = {}
+    record = []
+    with tqdm(total=sum(len(f.candidates) + 1 for f in fams), desc="build: tune kernels", unit="variant",
+              disable=not show_progress) as bar:
+        for fam in fams:
+            res = tune_family(fam, timer or cuda_graph_timer, tol, bar, seconds_per_family)
+            out.setdefault(fam.module, {}).update(res["winner"])
+            record.append(res)
+    out["tuning"] = {"seconds": round(time.perf_counter() - t0, 1), "families": record}
+    return out
+
+
+def apply_tactics(tactics: dict[str, Any]) -> None:
+    """Load an engine's tuned tactics into the kernel modules (CUDA only; ``tuning`` is a record)."""
+    for name, overrides in tactics.items():
+        if name == "tuning":
+            continue
+        if name not in TUNABLE_MODULES:
+            raise ConfigError(f"engine tactics name an unknown kernel module {name!r}; rebuild the engine with "
+                              "this llmc (`llmc build CHECKPOINT -o DIR --device cuda`)")
+        table = _module(name).TACTICS
+        unknown = sorted(set(overrides) - set(table))
+        if unknown:
+            raise ConfigError(f"engine tactics for {name} name unknown keys {unknown}; it was tuned by another "
+                              "llmc version: rebuild it (`llmc build CHECKPOINT -o DIR --device cuda`)")
+        table.update(overrides)

@@ -1,0 +1,117 @@
+"""Build-time tactic selection (``llmc/build/tuning.py``): selection logic with an injected timer, variant
+checking, storage in engine.json, application at load. Kernels run under the Triton interpreter on CPU."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # before the first triton import
+
+pytest.importorskip("triton", reason="triton is not installed: the tuner times Triton kernels")
+
+from llmc.build import tuning  # noqa: E402
+from llmc.config import BuildConfig, ModelConfig, QuantConfig  # noqa: E402
+from llmc.errors import ConfigError  # noqa: E402
+from llmc.plugins import quant_gemm as qg  # noqa: E402
+from llmc.plugins import triton_kernels as tk  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+TINY = ModelConfig(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+SMALL = BuildConfig(max_batch_size=2, max_seq_len=48, max_num_tokens=16, block_size=16, dtype="float32")
+
+
+def fake_timer_preferring(key: str, value, module=tk):
+    """A timer under which the variant with ``TACTICS[key] == value`` is fastest (others by distance)."""
+    def timer(fn):
+        fn()
+        return 1.0 + abs(module.TACTICS[key] - value)
+    return timer
+
+
+def test_picks_the_fastest_valid_variant_and_restores_tactics():
+    saved = dict(tk.TACTICS)
+    fam = tuning._attention_families(TINY, SMALL, DEV, torch.float32)[0]
+    fam.candidates = [(32, 4, 2), (64, 4, 2), (128, 4, 2)]
+    res = tuning.tune_family(fam, fake_timer_preferring("decode_block_n", 128), tol=1e-3)
+    assert res["winner"]["decode_block_n"] == 128
+    assert res["winner_ms"] < res["default_ms"]
+    assert tk.TACTICS == saved
+
+
+def test_failing_and_wrong_variants_are_dropped(monkeypatch):
+    fam = tuning.Family("toy", "triton_kernels", ("decode_block_n",), [(32,), (64,), (128,)], [])
+    state = {}
+
+    def case():
+        n = tk.TACTICS["decode_block_n"]
+        if n == 32:
+            raise RuntimeError("out of shared memory")
+        return torch.full((3,), 1.0 if n != 128 else 2.0)  # 128 computes something else
+    fam.cases = [case]
+    monkeypatch.setitem(tk.TACTICS, "decode_block_n", 64)
+    res = tuning.tune_family(fam, lambda fn: state.setdefault("t", 0) + 1.0 / tk.TACTICS["decode_block_n"], 1e-3)
+    by_cfg = {r["cfg"][0]: r for r in res["candidates"]}
+    assert "out of shared memory" in by_cfg[32]["error"] and "differs" in by_cfg[128]["error"]
+    assert res["winner"] == {"decode_block_n": 64}
+
+
+def test_tune_covers_attention_and_quantized_gemm_families():
+    res = tuning.tune(TINY, SMALL, QuantConfig("int4", group_size=32), device=DEV,
+                      timer=fake_timer_preferring("gemv_block_n", 32, qg), show_progress=False,
+                      seconds_per_family=300)
+    names = [f["family"] for f in res["tuning"]["families"]]
+    assert names == ["attention decode", "attention prefill", "int4 GEMV (1 row)"]
+    assert res["quant_gemm"]["gemv_block_n"] == 32
+    assert set(res["triton_kernels"]) == {"decode_block_n", "decode_num_warps", "decode_num_stages",
+                                          "prefill_block_m", "prefill_block_n", "prefill_num_warps",
+                                          "prefill_num_stages"}
+    json.dumps(res)  # storable in engine.json
+
+
+def test_build_stores_tactics_and_runner_applies_them(tiny_factory, tmp_path, monkeypatch):
+    from llmc.build import builder
+    from llmc.build.engine import load_engine
+
+    _, eng = tiny_factory("llama-gqa")
+    monkeypatch.setattr(builder, "current_cuda_target",
+                        lambda: {"device": "cuda", "device_name": "test GPU", "compute_capability": "9.0"})
+    calls = {}
+
+    def fake_tune(model, cfg, quant):
+        calls["n"] = calls.get("n", 0) + 1
+        return {"triton_kernels": {"decode_block_n": 32}, "tuning": {"seconds": 0.0, "families": []}}
+    monkeypatch.setattr(tuning, "tune", fake_tune)
+    cfg = BuildConfig(max_batch_size=4, max_seq_len=64, max_num_tokens=32, device="cuda")
+    out = builder.build(eng.parent / "ckpt", tmp_path / "e", cfg)
+    assert calls["n"] == 1
+    assert load_engine(out).tactics["triton_kernels"] == {"decode_block_n": 32}
+    builder.build(eng.parent / "ckpt", tmp_path / "e2", cfg, tune=False)
+    assert calls["n"] == 1 and load_engine(tmp_path / "e2").tactics == {}
+    monkeypatch.setitem(tk.TACTICS, "decode_block_n", 64)
+    tuning.apply_tactics(load_engine(out).tactics)
+    assert tk.TACTICS["decode_block_n"] == 32
+
+
+def test_apply_rejects_tactics_from_another_version(monkeypatch):
+    with pytest.raises(ConfigError, match="unknown keys.*rebuild"):
+        tuning.apply_tactics({"triton_kernels": {"no_such_tile": 1}})
+    with pytest.raises(ConfigError, match="unknown kernel module"):
+        tuning.apply_tactics({"cutlass": {}})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_real_tuner_on_gpu():
+    cfg = BuildConfig(max_batch_size=8, max_seq_len=1024, max_num_tokens=512, block_size=16, dtype="bfloat16")
+    model = ModelConfig(model_type="llama", vocab_size=256, hidden_size=512, intermediate_size=1024,
+                        num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                        max_position_embeddings=1024)
+    res = tuning.tune(model, cfg, QuantConfig("int8"), show_progress=False, seconds_per_family=20)
+    for fam in res["tuning"]["families"]:
+        assert fam["winner_ms"] <= fam["default_ms"] + 1e-9
