@@ -234,7 +234,9 @@ def build_app(engine: AsyncLLMEngine, served_model_name: str, api_key: str | Non
                     k = pi * n + c.index
                     completion_tokens += len(c.token_ids)
                     want_lp = req.logprobs is not None and bool(c.logprobs)
-                    if not c.text and not c.finish_reason and not want_lp:
+                    # A new token is a chunk even when it adds no text yet (bytes held back, stop-string
+                    # prefix, or an engine without a tokenizer): clients time TTFT and ITL per chunk.
+                    if not c.text and not c.token_ids and not c.finish_reason and not want_lp:
                         continue
                     lp = completion_logprobs(c.logprobs or [], offsets.get(k, 0)) if req.logprobs is not None \
                         else None
