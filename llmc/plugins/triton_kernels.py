@@ -126,7 +126,9 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 
 # ============================================================================ decode attention
-@triton.jit(do_not_specialize=["num_splits"])  # varies per step: no recompiles
+# Triton specializes integer arguments equal to 1 or divisible by 16; arguments that change from step to step
+# (counts, the block-table width) are exempt, or a new value would stall a running server on a JIT compile.
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr,
                    bt_ptr, seqlen_ptr, qsl_ptr, qk_scale, num_splits,
                    stride_qt, stride_qh, stride_ot, stride_oh,
@@ -248,6 +250,18 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int
     return max(1, min(want, cap, TACTICS["decode_max_splits"]))
 
 
+def _splits_pad(nsplit: int) -> int:
+    """Merge width: one compiled variant for every split count up to ``decode_max_splits`` (the count
+    changes with batch size and context length from step to step)."""
+    return _pow2(max(nsplit, TACTICS["decode_max_splits"]))
+
+
+def _search_steps(num_seqs: int) -> int:
+    """Binary-search depth of the prefill kernel: fixed up to 4,096 sequences, so batches of different
+    sizes share one compiled variant."""
+    return max(12, math.ceil(math.log2(max(num_seqs, 2))))
+
+
 def _compute_mode(q: torch.Tensor, cache: torch.Tensor) -> bool:
     """IEEE fp32 dots when either side is fp32 (tf32 would miss fp32 tolerances), else 16-bit tensor cores
     in the cache's dtype. The Triton 3.6 interpreter multiplies bf16 dot operands as raw bits, so under it
@@ -286,7 +300,7 @@ def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
     if nsplit > 1:
         _decode_merge_kernel[(S, Hq)](
             ws_m, ws_l, ws_acc, out, meta.query_start_loc, nsplit, out.stride(0), out.stride(1),
-            NUM_Q_HEADS=Hq, SPLITS_PAD=_pow2(nsplit), D=D, DECODE_ONLY=decode_only, num_warps=4)
+            NUM_Q_HEADS=Hq, SPLITS_PAD=_splits_pad(nsplit), D=D, DECODE_ONLY=decode_only, num_warps=4)
 
 
 # ============================================================================ prefill / mixed attention
@@ -334,7 +348,7 @@ def _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, 
     return m_new, l_i, acc
 
 
-@triton.jit(do_not_specialize=["num_seqs", "num_tiles"])  # vary per step: no recompiles
+@triton.jit(do_not_specialize=["num_seqs", "num_tiles", "stride_bt"])  # vary per step: no recompiles
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seqlen_ptr, qsl_ptr, qk_scale, num_seqs, num_tiles,
                     stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
@@ -413,7 +427,7 @@ def paged_prefill(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, ou
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), meta.block_tables.stride(0),
         GROUP=Hq // k_cache.shape[2], D=D, PAGE=k_cache.shape[1], BLOCK_M=bm, BLOCK_N=bn,
-        SEARCH_STEPS=max(1, math.ceil(math.log2(S))), SKIP_DECODE=skip_decode, IEEE=ieee,
+        SEARCH_STEPS=_search_steps(S), SKIP_DECODE=skip_decode, IEEE=ieee,
         num_warps=TACTICS["prefill_num_warps"], num_stages=stages)
 
 
