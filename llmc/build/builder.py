@@ -20,6 +20,7 @@ from llmc.convert.checkpoint import ShardWriter, load_checkpoint
 from llmc.build.sharding import check_shardable, shard_tensor, tp_layout
 from llmc.convert.hf_reader import count_tensors
 from llmc.errors import ConfigError
+from llmc.plugins.kv_layout import kv_storage_dtype
 
 FUSED = {  # fused engine module -> its checkpoint parts, in concatenation order
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -92,8 +93,6 @@ def build(ckpt_dir: str | Path, out: str | Path, cfg: BuildConfig | None = None,
     if cfg.max_num_tokens < cfg.max_batch_size:
         raise ConfigError(f"--max-num-tokens ({cfg.max_num_tokens}) must be >= --max-batch-size "
                           f"({cfg.max_batch_size}) so every running sequence can decode in one step")
-    if cfg.kv_cache_dtype != "auto":
-        raise ConfigError(f"--kv-cache-dtype {cfg.kv_cache_dtype} is not implemented yet; use auto")
     target: dict = {"device": "cpu"}
     tactics: dict = {}
     if cfg.device == "cuda":
@@ -101,6 +100,7 @@ def build(ckpt_dir: str | Path, out: str | Path, cfg: BuildConfig | None = None,
         if here is None:
             raise ConfigError("--device cuda needs a CUDA GPU on the build machine; build on the serving GPU")
         target = here
+        kv_storage_dtype(cfg.kv_cache_dtype, "cuda")  # refuses fp8 on a GPU that cannot convert it
     check_shardable(model, ckpt.quant.enabled, cfg.tp_size)
     if cfg.device == "cuda" and tune:
         from llmc.build.tuning import tune as tune_kernels

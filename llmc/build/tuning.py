@@ -53,8 +53,12 @@ def _attention_families(model: ModelConfig, build: BuildConfig, device: str, dty
     from llmc.plugins import triton_kernels as tk
     from llmc.plugins.metadata import AttentionMetadata
 
+    from llmc.plugins.kv_layout import kv_storage_dtype
+    from llmc.plugins.reference import quantize_kv
+
     hq, hkv, d, page = model.num_attention_heads, model.num_key_value_heads, model.head_dim, build.block_size
     g = torch.Generator().manual_seed(0)
+    kv_quant = kv_storage_dtype(build.kv_cache_dtype, device)  # time the cache the engine will read
 
     def batch(q_lens: list[int], ctx: list[int]):
         tables, used = [], 0
@@ -66,7 +70,10 @@ def _attention_families(model: ModelConfig, build: BuildConfig, device: str, dty
         q = torch.randn(sum(q_lens), hq, d, generator=g).to(device, dtype)
         kc = torch.randn(used, page, hkv, d, generator=g).to(device, dtype)
         vc = torch.randn(used, page, hkv, d, generator=g).to(device, dtype)
-        return lambda: tk.paged_attention(q, kc, vc, meta, d ** -0.5)
+        if kv_quant is None:
+            return lambda: tk.paged_attention(q, kc, vc, meta, d ** -0.5)
+        (kq, ks), (vq, vs) = quantize_kv(kc, kv_quant), quantize_kv(vc, kv_quant)
+        return lambda: tk.paged_attention(q, kq, vq, meta, d ** -0.5, ks, vs)
 
     b = min(build.max_batch_size, 32)
     ctx = min(build.max_seq_len, 2048)

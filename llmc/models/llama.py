@@ -1,8 +1,9 @@
 """The Llama-family decoder, written once for every backend.
 
 The forward takes a flat batch (DESIGN.md "Execution"): ``input_ids [T]``, ``positions [T]``, attention
-metadata, and one ``(k_cache, v_cache)`` pair per layer. It has no data-dependent Python control flow
-outside the attention op, so the same module is exported to ONNX with attention as a plugin node.
+metadata, and one ``KVCache`` per layer (K/V pools, plus scales when quantized). It has no data-dependent
+Python control flow outside the attention op, so the same module is exported to ONNX with attention as a
+plugin node.
 Projections are fused (QKV, gate/up): the engine stores them concatenated along the output dim.
 """
 from __future__ import annotations
@@ -14,9 +15,8 @@ from llmc.config import ModelConfig, QuantConfig
 from llmc.models.linear import make_linear
 from llmc.models.rope import cos_sin_cache
 from llmc.plugins import ops
+from llmc.plugins.kv_layout import KVCache
 from llmc.plugins.metadata import AttentionMetadata
-
-KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class TP:
@@ -71,8 +71,8 @@ class Attention(nn.Module):
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         q, k = ops.rotary_embedding(positions, q, k, cos_sin)
-        ops.write_kv(k, v, kv[0], kv[1], meta.slot_mapping)
-        o = ops.paged_attention(q, kv[0], kv[1], meta, self.scale)
+        ops.write_kv(k, v, kv.k, kv.v, meta.slot_mapping, kv.k_scale, kv.v_scale)
+        o = ops.paged_attention(q, kv.k, kv.v, meta, self.scale, kv.k_scale, kv.v_scale)
         out = self.o_proj(o.reshape(-1, self.q_size))
         return out if self.tp is None else self.tp.all_reduce(out)
 

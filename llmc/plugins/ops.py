@@ -42,12 +42,15 @@ def register(name: str) -> Callable[[Callable], Callable]:
     return deco
 
 
-def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    (_fast("write_kv", k) or reference.write_kv)(k, v, k_cache, v_cache, slot_mapping)
+def write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+    """Scales given: a quantized cache (quantize on write, see ``metadata.py``)."""
+    (_fast("write_kv", k) or reference.write_kv)(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
-def paged_attention(q, k_cache, v_cache, meta, scale: float) -> torch.Tensor:
-    return (_fast("paged_attention", q) or reference.paged_attention)(q, k_cache, v_cache, meta, scale)
+def paged_attention(q, k_cache, v_cache, meta, scale: float, k_scale=None, v_scale=None) -> torch.Tensor:
+    """Scales given: a quantized cache (dequantize on read)."""
+    return (_fast("paged_attention", q) or reference.paged_attention)(q, k_cache, v_cache, meta, scale,
+                                                                      k_scale, v_scale)
 
 
 def rms_norm(x, weight, eps: float) -> torch.Tensor:

@@ -7,30 +7,70 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llmc.plugins.kv_layout import KV_QMAX, KV_SCALE_FLOOR
 from llmc.plugins.metadata import AttentionMetadata
 
 
+def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., D]`` -> (values in ``dtype`` (float8_e4m3fn or int8), float32 scales ``[...]``), one scale per
+    row: ``max|x| / qmax``. int8 rounds half up (``floor(y + 0.5)``, what the Triton kernel computes)."""
+    xf = x.float()
+    scale = (xf.abs().amax(-1) / KV_QMAX[dtype]).clamp_min(KV_SCALE_FLOOR)
+    y = xf / scale[..., None]
+    if dtype == torch.int8:
+        q = torch.floor(y + 0.5).clamp_(-127, 127).to(torch.int8)
+    else:
+        q = y.clamp_(-448.0, 448.0).to(dtype)
+    return q, scale
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Float32 ``q * scale`` (one scale per row of ``q``)."""
+    return q.float() * scale[..., None]
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors as uint8, for indexing ops that some torch builds lack for float8."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Scatter new K/V rows ``[T, Hkv, D]`` into the paged caches at ``slot_mapping`` (-1 = skip)."""
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
+    """Scatter new K/V rows ``[T, Hkv, D]`` into the paged caches at ``slot_mapping`` (-1 = skip);
+    with scale pools (quantized cache), quantize each (token, head) row on the way."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+    for x, cache, scales in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        if scales is None:
+            cache.view(-1, *cache.shape[2:])[slots] = x[keep].to(cache.dtype)
+            continue
+        q, s = quantize_kv(x[keep], cache.dtype)
+        _bytes(cache).view(-1, *cache.shape[2:])[slots] = _bytes(q)
+        scales.view(-1, scales.shape[2])[slots] = s
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of ``q [T, Hq, D]`` over each sequence's paged context (gathered per sequence).
 
     Query row j of a sequence with ``q_len`` new tokens and ``seq_len`` context sits at position
-    ``seq_len - q_len + j`` and sees keys at positions ``<=`` that. Computed in float32.
+    ``seq_len - q_len + j`` and sees keys at positions ``<=`` that. Computed in float32; a quantized
+    cache (``k_scale``/``v_scale`` given) is dequantized as it is gathered.
     """
     block_size = k_cache.shape[1]
     num_q_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     out = torch.empty_like(q)
     qsl = meta.query_start_loc_cpu
+
+    def gather(cache: torch.Tensor, scales: torch.Tensor | None, blocks: torch.Tensor, n: int) -> torch.Tensor:
+        x = cache[blocks].reshape(-1, num_kv_heads, cache.shape[3])[:n].float()
+        if scales is not None:
+            x = x * scales[blocks].reshape(-1, num_kv_heads)[:n, :, None]
+        return x.repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
+
     for i, seq_len in enumerate(meta.seq_lens_cpu):
         qs, qe = qsl[i], qsl[i + 1]
         q_len = qe - qs
@@ -38,10 +78,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             continue
         nblocks = -(-seq_len // block_size)
         blocks = meta.block_tables[i, :nblocks].long()
-        k = k_cache[blocks].reshape(-1, num_kv_heads, k_cache.shape[3])[:seq_len].float()
-        v = v_cache[blocks].reshape(-1, num_kv_heads, v_cache.shape[3])[:seq_len].float()
-        k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
-        v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+        k = gather(k_cache, k_scale, blocks, seq_len)
+        v = gather(v_cache, v_scale, blocks, seq_len)
         qi = q[qs:qe].float().transpose(0, 1)  # [Hq, q_len, D]
         pos_q = torch.arange(seq_len - q_len, seq_len, device=q.device)
         mask = torch.arange(seq_len, device=q.device)[None, :] <= pos_q[:, None]

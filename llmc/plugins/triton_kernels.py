@@ -6,7 +6,11 @@ all per-sequence data on the device, so no call syncs the host with the GPU; the
 host tensors at all and can be captured in a CUDA graph.
 
 - ``write_kv``: one program per new token scatters its K/V rows to its slot; slot -1 is masked off in the
-  kernel (CUDA-graph padding), never filtered on the host.
+  kernel (CUDA-graph padding), never filtered on the host. A quantized cache (fp8 e4m3 / int8, with scale
+  pools: ``kv_layout.py``) is quantized here, one scale per (token, KV head), exactly as
+  ``reference.quantize_kv``; the attention kernels dequantize on read by folding the K scale into the
+  scores and the V scale into the probabilities, so K/V tiles go to the dot unscaled (fp8 and int8 values
+  are exact in bf16/fp16).
 - ``paged_attention``:
   * decode rows (one query token): flash-decoding. One program per (sequence, KV head, split) serves the
     whole query group of that KV head, so K/V is read once per group (GQA), walks its share of the context
@@ -30,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmc.plugins.kv_layout import KV_QMAX
 from llmc.plugins.metadata import AttentionMetadata
 from llmc.plugins.triton_compat import INTERPRET as _INTERPRET
 from llmc.plugins.ops import register
@@ -85,23 +90,58 @@ def _fit_tiles(rows: int, bn: int, stages: int, d: int, esize: int) -> tuple[int
 
 # ============================================================================ write_kv
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+def _round_e4m3(x):
+    """Round fp32 ``x`` (|x| <= 448) to the nearest-even fp8 e4m3 value, still in fp32. The Triton 3.6
+    interpreter's fp32 -> fp8 cast drops the carry when rounding crosses a power of two (31.8 -> 16); values
+    already on the e4m3 grid convert exactly, so interpreter runs round first. Normals keep 3 mantissa bits
+    (bit trick on the fp32 pattern); below 2^-6 the grid is 2^-9, rounded by adding and removing 1.5 * 2^14."""
+    b = x.to(tl.int32, bitcast=True)
+    b = (b + 0x7FFFF + ((b >> 20) & 1)) & -1048576  # -1048576 = ~0xFFFFF: clear 20 of 23 mantissa bits
+    sub = (x + 24576.0) - 24576.0
+    return tl.where(tl.abs(x) < 0.015625, sub, b.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _quantize_rows(x, QMAX: tl.constexpr, IS_INT: tl.constexpr, ROUND_FP8: tl.constexpr):
+    """``x [H, D]`` -> (values to store, per-row fp32 scales), as ``reference.quantize_kv``."""
+    x = x.to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1) / QMAX, 1e-12)  # KV_SCALE_FLOOR
+    y = x / scale[:, None]
+    if IS_INT:
+        y = tl.minimum(tl.maximum(tl.floor(y + 0.5), -127.0), 127.0)
+    else:
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        if ROUND_FP8:
+            y = _round_e4m3(y)
+    return y, scale
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_sb, stride_ss,
                      PAGE: tl.constexpr, H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr,
-                     D_PAD: tl.constexpr):
+                     D_PAD: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr,
+                     ROUND_FP8: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     blk = slot // PAGE
     row = slot % PAGE
     offs_h = tl.arange(0, H_PAD)
     offs_d = tl.arange(0, D_PAD)
-    mask = (offs_h[:, None] < H) & (offs_d[None, :] < D) & (slot >= 0)
+    hmask = (offs_h < H) & (slot >= 0)
+    mask = hmask[:, None] & (offs_d[None, :] < D)
     tt = t.to(tl.int64)
-    k = tl.load(k_ptr + tt * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
-    v = tl.load(v_ptr + tt * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    k = tl.load(k_ptr + tt * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask, other=0.0)
+    v = tl.load(v_ptr + tt * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask, other=0.0)
     kdst = kc_ptr + blk * stride_kcb + row * stride_kcs + offs_h[:, None] * stride_kch + offs_d[None, :]
     vdst = vc_ptr + blk * stride_vcb + row * stride_vcs + offs_h[:, None] * stride_vch + offs_d[None, :]
+    if QUANT:
+        k, k_scale = _quantize_rows(k, QMAX, IS_INT, ROUND_FP8)
+        v, v_scale = _quantize_rows(v, QMAX, IS_INT, ROUND_FP8)
+        soff = blk * stride_sb + row * stride_ss + offs_h
+        tl.store(ks_ptr + soff, k_scale, mask=hmask)
+        tl.store(vs_ptr + soff, v_scale, mask=hmask)
     tl.store(kdst, k.to(kc_ptr.dtype.element_ty), mask=mask)
     tl.store(vdst, v.to(vc_ptr.dtype.element_ty), mask=mask)
 
@@ -110,18 +150,32 @@ def _last_dim_contig(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _scale_args(k_cache, k_scale, v_scale) -> tuple:
+    """(k scale pool, v scale pool, block stride, row stride, QUANT, QMAX, IS_INT): what the kernels take for
+    a quantized cache; dummies (never read) for a plain one."""
+    if k_scale is None:
+        return k_cache, k_cache, 0, 0, False, 1.0, False
+    assert k_scale.shape == v_scale.shape == k_cache.shape[:3] and k_scale.stride() == v_scale.stride()
+    assert k_scale.stride(2) == 1 and k_scale.dtype == v_scale.dtype == torch.float32
+    return (k_scale, v_scale, k_scale.stride(0), k_scale.stride(1), True, KV_QMAX[k_cache.dtype],
+            k_cache.dtype == torch.int8)
+
+
 @register("write_kv")
-def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """Scatter ``k, v [T, Hkv, D]`` (strided views of a fused qkv are fine) into the paged caches."""
+def write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+    """Scatter ``k, v [T, Hkv, D]`` (strided views of a fused qkv are fine) into the paged caches,
+    quantizing per (token, head) when scale pools are given."""
     T, H, D = k.shape
     if T == 0:
         return
     assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1
     k, v = _last_dim_contig(k), _last_dim_contig(v)
+    ks, vs, stride_sb, stride_ss, quant, qmax, is_int = _scale_args(k_cache, k_scale, v_scale)
     _write_kv_kernel[(T,)](
-        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k, v, k_cache, v_cache, slot_mapping, ks, vs, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), PAGE=k_cache.shape[1], H=H, H_PAD=_pow2(H), D=D, D_PAD=_pow2(D),
+        v_cache.stride(2), stride_sb, stride_ss, PAGE=k_cache.shape[1], H=H, H_PAD=_pow2(H), D=D, D_PAD=_pow2(D),
+        QUANT=quant, QMAX=qmax, IS_INT=is_int, ROUND_FP8=_INTERPRET and quant and not is_int,
         num_warps=TACTICS["small_num_warps"])
 
 
@@ -130,14 +184,16 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
 # (counts, the block-table width) are exempt, or a new value would stall a running server on a JIT compile.
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr,
-                   bt_ptr, seqlen_ptr, qsl_ptr, qk_scale, num_splits,
+                   bt_ptr, seqlen_ptr, qsl_ptr, ks_ptr, vs_ptr, qk_scale, num_splits,
                    stride_qt, stride_qh, stride_ot, stride_oh,
                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                   stride_sb, stride_ss,
                    NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DECODE_ONLY: tl.constexpr,
-                   SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+                   SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr):
     """One (sequence, KV head, split): the query group of that KV head against one slice of the context.
-    Scores live in the log2 domain (``qk_scale`` includes log2(e)) so the softmax uses exp2."""
+    Scores live in the log2 domain (``qk_scale`` includes log2(e)) so the softmax uses exp2. ``QUANT``:
+    K/V are fp8/int8 with per-(token, head) scales at ``ks_ptr``/``vs_ptr``; the dots run in q's dtype."""
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -161,7 +217,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_pt
                 mask=gmask[:, None], other=0.0)
     if IEEE:
         q = q.to(tl.float32)
-    else:
+    elif not QUANT:
         q = q.to(kc_ptr.dtype.element_ty)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -178,6 +234,13 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_pt
         if IEEE:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
+        elif QUANT:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
+        if QUANT:
+            soff = blk * stride_sb + (offs_n % PAGE) * stride_ss + kvh
+            k_sc = tl.load(ks_ptr + soff, mask=nmask, other=0.0)
+            v_sc = tl.load(vs_ptr + soff, mask=nmask, other=0.0)
         if USE_DOT:
             if IEEE:
                 qk = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -185,11 +248,15 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_pt
                 qk = tl.dot(q, tl.trans(k))
         else:
             qk = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        if QUANT:
+            qk = qk * k_sc[None, :]
         qk = tl.where(nmask[None, :], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))  # finite: every tile has >= 1 visible key
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if QUANT:
+            p = p * v_sc[None, :]  # sum_n p_n (v_n * s_n) = sum_n (p_n s_n) v_n
         if USE_DOT:
             if IEEE:
                 pv = tl.dot(p, v, input_precision="ieee")
@@ -271,8 +338,15 @@ def _compute_mode(q: torch.Tensor, cache: torch.Tensor) -> bool:
     return q.dtype == torch.float32 or cache.dtype == torch.float32
 
 
+def _tile_esize(q: torch.Tensor, k_cache: torch.Tensor, ieee: bool) -> int:
+    """Bytes per element of the K/V tiles the dots read (a quantized cache is converted to q's dtype)."""
+    if ieee:
+        return 4
+    return q.element_size() if k_cache.element_size() == 1 else k_cache.element_size()
+
+
 def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor,
-                 decode_only: bool = True, num_splits: int | None = None) -> None:
+                 decode_only: bool = True, num_splits: int | None = None, k_scale=None, v_scale=None) -> None:
     """Write ``out`` for every sequence with one new token (all of them when ``decode_only``)."""
     S = meta.num_seqs
     Hq, D = q.shape[1], q.shape[2]
@@ -281,8 +355,9 @@ def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
     nsplit = num_splits or decode_num_splits(S, Hkv, meta.max_seq_len)
     use_dot = bool(TACTICS["decode_use_dot"])
     gpad = max(16, _pow2(group)) if use_dot else _pow2(group)
-    esize = 4 if _compute_mode(q, k_cache) else k_cache.element_size()
+    esize = _tile_esize(q, k_cache, _compute_mode(q, k_cache))
     _, block_n, stages = _fit_tiles(gpad, TACTICS["decode_block_n"], TACTICS["decode_num_stages"], D, esize)
+    ks, vs, stride_sb, stride_ss, quant, _, _ = _scale_args(k_cache, k_scale, v_scale)
     if nsplit > 1:
         ws_m = torch.empty((S, Hq, nsplit), dtype=torch.float32, device=q.device)
         ws_l = torch.empty_like(ws_m)
@@ -291,12 +366,12 @@ def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
         ws_m = ws_l = ws_acc = out  # unused
     _decode_kernel[(S, Hkv, nsplit)](
         q, k_cache, v_cache, out, ws_m, ws_l, ws_acc, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-        scale * _LOG2E, nsplit, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        ks, vs, scale * _LOG2E, nsplit, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), meta.block_tables.stride(0),
+        v_cache.stride(2), meta.block_tables.stride(0), stride_sb, stride_ss,
         NUM_Q_HEADS=Hq, GROUP=group, GROUP_PAD=gpad, D=D, PAGE=page, BLOCK_N=block_n,
         DECODE_ONLY=decode_only, SPLIT=nsplit > 1, USE_DOT=use_dot, IEEE=_compute_mode(q, k_cache),
-        num_warps=TACTICS["decode_num_warps"], num_stages=stages)
+        QUANT=quant, num_warps=TACTICS["decode_num_warps"], num_stages=stages)
     if nsplit > 1:
         _decode_merge_kernel[(S, Hq)](
             ws_m, ws_l, ws_acc, out, meta.query_start_loc, nsplit, out.stride(0), out.stride(1),
@@ -305,12 +380,13 @@ def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
 
 # ============================================================================ prefill / mixed attention
 @triton.jit
-def _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, kvh, qk_scale,
-                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+def _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, kvh, qk_scale, ks_ptr, vs_ptr,
+                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_sb, stride_ss,
                   D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  IEEE: tl.constexpr):
+                  IEEE: tl.constexpr, QUANT: tl.constexpr):
     """Fold keys ``n0 .. n0 + BLOCK_N`` (gathered through the block table) into the online softmax.
-    Unmasked tiles lie entirely below every row's position, so they skip both the bounds and causal mask."""
+    Unmasked tiles lie entirely below every row's position, so they skip both the bounds and causal mask.
+    ``QUANT``: dequantize as in ``_decode_kernel`` (K scale on the scores, V scale on the probabilities)."""
     offs_d = tl.arange(0, D)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     if MASKED:
@@ -326,10 +402,25 @@ def _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, 
     else:
         k = tl.load(kc_ptr + koff[:, None] + offs_d[None, :])
         v = tl.load(vc_ptr + voff[:, None] + offs_d[None, :])
+    if QUANT:
+        soff = blk * stride_sb + (offs_n % PAGE) * stride_ss + kvh
+        if MASKED:
+            k_sc = tl.load(ks_ptr + soff, mask=nmask, other=0.0)
+            v_sc = tl.load(vs_ptr + soff, mask=nmask, other=0.0)
+        else:
+            k_sc = tl.load(ks_ptr + soff)
+            v_sc = tl.load(vs_ptr + soff)
+        if not IEEE:
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
     if IEEE:
-        qk = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * qk_scale
+        qk = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = tl.dot(q, tl.trans(k))
+    if QUANT:
+        qk = qk * (k_sc * qk_scale)[None, :]
+    else:
+        qk = qk * qk_scale
     if MASKED:
         ok = (offs_n[None, :] <= pos_q[:, None]) & nmask[None, :]
         qk = tl.where(ok, qk, float("-inf"))
@@ -341,6 +432,8 @@ def _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, 
     p = tl.exp2(qk - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, axis=1)
+    if QUANT:
+        p = p * v_sc[None, :]
     if IEEE:
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
     else:
@@ -349,12 +442,13 @@ def _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, 
 
 
 @triton.jit(do_not_specialize=["num_seqs", "num_tiles", "stride_bt"])  # vary per step: no recompiles
-def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seqlen_ptr, qsl_ptr, qk_scale, num_seqs, num_tiles,
-                    stride_qt, stride_qh, stride_ot, stride_oh,
+def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seqlen_ptr, qsl_ptr, ks_ptr, vs_ptr, qk_scale,
+                    num_seqs, num_tiles, stride_qt, stride_qh, stride_ot, stride_oh,
                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                    stride_sb, stride_ss,
                     GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr, SKIP_DECODE: tl.constexpr,
-                    IEEE: tl.constexpr):
+                    IEEE: tl.constexpr, QUANT: tl.constexpr):
     """BLOCK_M query rows of one sequence x one query head, over that sequence's paged context.
 
     Sequence ``s`` owns tiles ``qsl[s] // BLOCK_M + s ...`` (at least ceil(q_len / BLOCK_M) of them, the
@@ -387,7 +481,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seqlen_ptr, qsl_ptr,
                 mask=rmask[:, None], other=0.0)
     if IEEE:
         q = q.to(tl.float32)
-    else:
+    elif not QUANT:
         q = q.to(kc_ptr.dtype.element_ty)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -400,40 +494,43 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seqlen_ptr, qsl_ptr,
     diag_end = tl.where(valid, diag_end, 0)
     for n0 in range(0, full_end, BLOCK_N):
         m_i, l_i, acc = _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, kvh, qk_scale,
-                                      stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                      D, PAGE, BLOCK_N, False, IEEE)
+                                      ks_ptr, vs_ptr, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                                      stride_vh, stride_sb, stride_ss, D, PAGE, BLOCK_N, False, IEEE, QUANT)
     for n0 in range(full_end, diag_end, BLOCK_N):
         m_i, l_i, acc = _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, kvh, qk_scale,
-                                      stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                      D, PAGE, BLOCK_N, True, IEEE)
+                                      ks_ptr, vs_ptr, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                                      stride_vh, stride_sb, stride_ss, D, PAGE, BLOCK_N, True, IEEE, QUANT)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + (q0 + rows).to(tl.int64)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
 def paged_prefill(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor,
-                  skip_decode: bool) -> None:
+                  skip_decode: bool, k_scale=None, v_scale=None) -> None:
     """Write ``out`` for every sequence with more than one new token (and, unless ``skip_decode``, the
     one-token ones too)."""
     T, Hq, D = q.shape
     S = meta.num_seqs
     ieee = _compute_mode(q, k_cache)
     bm, bn, stages = _fit_tiles(TACTICS["prefill_block_m"], TACTICS["prefill_block_n"],
-                                TACTICS["prefill_num_stages"], D, 4 if ieee else k_cache.element_size())
+                                TACTICS["prefill_num_stages"], D, _tile_esize(q, k_cache, ieee))
+    ks, vs, stride_sb, stride_ss, quant, _, _ = _scale_args(k_cache, k_scale, v_scale)
     num_tiles = T // bm + S
     _prefill_kernel[(num_tiles, Hq)](
-        q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale * _LOG2E,
+        q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc, ks, vs, scale * _LOG2E,
         S, num_tiles, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), meta.block_tables.stride(0),
+        v_cache.stride(2), meta.block_tables.stride(0), stride_sb, stride_ss,
         GROUP=Hq // k_cache.shape[2], D=D, PAGE=k_cache.shape[1], BLOCK_M=bm, BLOCK_N=bn,
-        SEARCH_STEPS=_search_steps(S), SKIP_DECODE=skip_decode, IEEE=ieee,
+        SEARCH_STEPS=_search_steps(S), SKIP_DECODE=skip_decode, IEEE=ieee, QUANT=quant,
         num_warps=TACTICS["prefill_num_warps"], num_stages=stages)
 
 
 @register("paged_attention")
-def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Causal attention of ``q [T, Hq, D]`` over each sequence's paged context (see ``reference.py``)."""
+def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, k_scale=None,
+                    v_scale=None) -> torch.Tensor:
+    """Causal attention of ``q [T, Hq, D]`` over each sequence's paged context (see ``reference.py``);
+    with ``k_scale``/``v_scale``, the cache is quantized (fp8/int8) and dequantized on read."""
     T, Hq, D = q.shape
     assert D & (D - 1) == 0 and 16 <= D <= 256, "head_dim must be a power of two in 16..256"
     assert Hq % k_cache.shape[2] == 0 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
@@ -442,13 +539,13 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) 
     if T == 0 or meta.num_seqs == 0:
         return out
     if meta.max_query_len == 1:
-        paged_decode(q, k_cache, v_cache, meta, scale, out, decode_only=True)
+        paged_decode(q, k_cache, v_cache, meta, scale, out, decode_only=True, k_scale=k_scale, v_scale=v_scale)
         return out
     qsl = meta.query_start_loc_cpu
     has_decode = any(qsl[i + 1] - qsl[i] == 1 for i in range(meta.num_seqs))
     if has_decode:  # one-token rows: flash-decoding (GQA-shared K/V reads) instead of a 1-row tile
-        paged_decode(q, k_cache, v_cache, meta, scale, out, decode_only=False)
-    paged_prefill(q, k_cache, v_cache, meta, scale, out, skip_decode=has_decode)
+        paged_decode(q, k_cache, v_cache, meta, scale, out, decode_only=False, k_scale=k_scale, v_scale=v_scale)
+    paged_prefill(q, k_cache, v_cache, meta, scale, out, skip_decode=has_decode, k_scale=k_scale, v_scale=v_scale)
     return out
 
 

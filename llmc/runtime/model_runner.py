@@ -20,6 +20,7 @@ from llmc.convert.checkpoint import TORCH_DTYPES
 from llmc.errors import CheckpointError, ConfigError
 from llmc.models.llama import LlamaForCausalLM
 from llmc.plugins import ops
+from llmc.plugins.kv_layout import KVCache, allocate_kv_cache, kv_bytes_per_token_head, kv_storage_dtype
 from llmc.plugins.metadata import AttentionMetadata
 from llmc.runtime.sequence import Sequence
 
@@ -37,8 +38,11 @@ class ScheduledSeq:
     num_logits: int = 1  # rows at the end that need logits: 1 + k when verifying k speculative tokens
 
 
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    return 2 * cfg.num_hidden_layers * block_size * cfg.kv_size * torch.empty((), dtype=dtype).element_size()
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, quantized: bool = False) -> int:
+    """Bytes of one block over all layers, K and V (and their scales when ``quantized``; ``dtype`` is then
+    the 1-byte storage dtype)."""
+    per_token_head = kv_bytes_per_token_head(cfg.head_dim, dtype, quantized)
+    return cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * per_token_head
 
 
 class ModelRunner:
@@ -65,6 +69,9 @@ class ModelRunner:
         self.tp = tp
         self.rank = tp.layout.rank if tp is not None else 0
         self.num_kv_heads = tp.layout.kv_heads if tp is not None else self.config.num_key_value_heads
+        storage = kv_storage_dtype(engine.build.kv_cache_dtype, self.device)  # None: the compute dtype
+        self.kv_quantized = storage is not None
+        self.kv_dtype = storage or self.dtype
         with torch.device(self.device):
             self.model = LlamaForCausalLM(self.config, engine.quant, self.dtype, max_positions=self.max_seq_len, tp=tp)
         self._load_weights(show_progress)
@@ -73,10 +80,10 @@ class ModelRunner:
             raise ConfigError(f"KV cache of {self.num_kv_blocks} blocks x {self.block_size} tokens cannot hold one "
                               f"sequence of max_seq_len {self.max_seq_len}; give it more memory or rebuild with a "
                               "smaller --max-seq-len")
-        shape = (self.num_kv_blocks, self.block_size, self.num_kv_heads, self.config.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
-                          for _ in range(self.config.num_hidden_layers)]
+        self.kv_caches: list[KVCache] = [
+            allocate_kv_cache(self.num_kv_blocks, self.block_size, self.num_kv_heads, self.config.head_dim,
+                              self.kv_dtype, self.kv_quantized, self.device)
+            for _ in range(self.config.num_hidden_layers)]
         self.graphs: CudaGraphs | None = None
         self.graph_capture_seconds = 0.0
         if (self.device.type == "cuda" and cuda_graph_batch_sizes != [] and ops.has_fast("paged_attention")
@@ -116,8 +123,8 @@ class ModelRunner:
             raise CheckpointError(f"engine is missing {len(missing)} tensor(s), e.g. {sorted(missing)[0]}; rebuild it")
 
     def _auto_num_blocks(self, utilization: float, kv_bytes: int | None) -> int:
-        per_block = kv_bytes_per_block(self.config, self.block_size, self.dtype) * self.num_kv_heads \
-            // self.config.num_key_value_heads
+        per_block = kv_bytes_per_block(self.config, self.block_size, self.kv_dtype, self.kv_quantized) \
+            * self.num_kv_heads // self.config.num_key_value_heads
         if kv_bytes is None:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -170,14 +177,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy-on-write: duplicate cache blocks ``src -> dst`` in every layer before the next forward."""
+        """Copy-on-write: duplicate cache blocks ``src -> dst`` (K, V and any scales) in every layer before
+        the next forward."""
         if not pairs:
             return
         src = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=self.device)
         dst = torch.tensor([d for _, d in pairs], dtype=torch.long, device=self.device)
-        for k, v in self.kv_caches:
-            k[dst] = k[src]
-            v[dst] = v[src]
+        for kv in self.kv_caches:
+            for t in kv:
+                if t is not None:
+                    t = t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t  # index ops lack fp8 in places
+                    t[dst] = t[src]
 
 
 def default_graph_batch_sizes(max_batch_size: int) -> list[int]:

@@ -1,0 +1,76 @@
+"""What one layer's paged KV cache is made of, for the model, the runner and the kernels.
+
+Per layer a K pool and a V pool shaped ``[num_blocks, block_size, num_kv_heads, head_dim]`` (see
+``metadata.py`` for how tokens find their rows). A quantized cache (``llmc build --kv-cache-dtype fp8|int8``)
+stores them in one byte per element plus one float32 scale per (token, KV head), pools shaped
+``[num_blocks, block_size, num_kv_heads]``. The scale is computed when the token is written
+(max |x| over head_dim / qmax), so no calibration is needed and an outlier token or head costs only its
+own precision; attention dequantizes on read (x = q * scale) and computes in the model's dtype.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from llmc.errors import ConfigError
+
+# --kv-cache-dtype -> storage dtype; "auto" stores K/V in the model's compute dtype
+KV_QUANT_DTYPES: dict[str, torch.dtype] = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+KV_QMAX: dict[torch.dtype, float] = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
+# Scales never go below this, so an all-zero row quantizes to zeros instead of dividing by zero.
+KV_SCALE_FLOOR = 1e-12
+KV_SCALE_DTYPE = torch.float32
+
+
+class KVCache(NamedTuple):
+    """One layer's paged cache: K and V pools, and for a quantized cache their per-(token, head) scales."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
+
+
+def kv_storage_dtype(kv_cache_dtype: str, device: torch.device | str) -> torch.dtype | None:
+    """The element dtype of a ``--kv-cache-dtype`` cache on ``device`` (None: the compute dtype).
+
+    Raises ``ConfigError`` where the device cannot run it: Triton converts fp8 e4m3 in hardware only from
+    compute capability 8.9 (Ada, Hopper) on."""
+    if kv_cache_dtype == "auto":
+        return None
+    if kv_cache_dtype not in KV_QUANT_DTYPES:
+        raise ConfigError(f"--kv-cache-dtype must be one of auto, {', '.join(KV_QUANT_DTYPES)}; "
+                          f"got {kv_cache_dtype!r}")
+    device = torch.device(device)
+    if kv_cache_dtype == "fp8" and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise ConfigError(f"--kv-cache-dtype fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                              f"{torch.cuda.get_device_name(device)} is {major}.{minor}. Rebuild the engine with "
+                              "--kv-cache-dtype int8 (or auto)")
+    return KV_QUANT_DTYPES[kv_cache_dtype]
+
+
+def kv_bytes_per_token_head(head_dim: int, dtype: torch.dtype, quantized: bool) -> int:
+    """Bytes one token takes in one KV head of one layer, K and V together (scales included)."""
+    esize = torch.empty((), dtype=dtype).element_size()
+    scale = torch.empty((), dtype=KV_SCALE_DTYPE).element_size() if quantized else 0
+    return 2 * (head_dim * esize + scale)
+
+
+def allocate_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                      quantized: bool, device: torch.device | str) -> KVCache:
+    """Zeroed pools for one layer (zero scales too: CUDA-graph padding rows read block 0 and must see
+    finite values)."""
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k = torch.zeros(shape, dtype=dtype, device=device)
+    v = torch.zeros(shape, dtype=dtype, device=device)
+    if not quantized:
+        return KVCache(k, v)
+    return KVCache(k, v, torch.zeros(shape[:3], dtype=KV_SCALE_DTYPE, device=device),
+                   torch.zeros(shape[:3], dtype=KV_SCALE_DTYPE, device=device))
