@@ -118,9 +118,11 @@ def float_model(ckpt):
 
 
 def _kv_pool(model, num_blocks: int, block_size: int):
+    """A float32 paged cache for calibration forwards on the CPU."""
+    from llmc.plugins.kv_layout import allocate_kv_cache
+
     kvh, hd = model.layers[0].self_attn.num_kv_heads, model.config.head_dim
-    return [(torch.zeros(num_blocks, block_size, kvh, hd), torch.zeros(num_blocks, block_size, kvh, hd))
-            for _ in model.layers]
+    return [allocate_kv_cache(num_blocks, block_size, kvh, hd, torch.float32, False, "cpu") for _ in model.layers]
 
 
 @torch.inference_mode()
