@@ -10,9 +10,26 @@ to the longest. Sequence ``i`` owns query rows ``query_start_loc[i]:query_start_
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
+
+
+def upload(lists: list[list], device: torch.device | str, dtype: torch.dtype = torch.int64) -> list[torch.Tensor]:
+    """Device copies of host lists (all of one ``dtype``) in one host->device transfer.
+
+    On CUDA the copy goes from pinned memory without blocking the host: a per-list
+    ``torch.tensor(..., device=cuda)`` would wait for the GPU to finish all queued work once per list, and a
+    decode step uploads a dozen of them. torch's pinned-memory cache keeps each staging buffer until its
+    copy has run, so a later step never overwrites a transfer still in the queue."""
+    device = torch.device(device)
+    host = torch.tensor(list(itertools.chain.from_iterable(lists)), dtype=dtype)
+    if device.type == "cuda":
+        flat = host.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = host.to(device)
+    return list(flat.split([len(x) for x in lists]))
 
 
 @dataclass
@@ -39,6 +56,13 @@ class AttentionMetadata:
     def build(cls, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
               block_size: int, device: torch.device | str = "cpu") -> "AttentionMetadata":
         """Metadata for sequences whose last ``query_lens[i]`` of ``seq_lens[i]`` tokens are new."""
+        return cls.build_with(query_lens, seq_lens, block_tables, block_size, device)[0]
+
+    @classmethod
+    def build_with(cls, query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
+                   block_size: int, device: torch.device | str = "cpu",
+                   *inputs: list[int]) -> tuple["AttentionMetadata", list[torch.Tensor]]:
+        """``build`` plus int64 device copies of ``inputs`` (token ids, positions, ...), all in one upload."""
         qsl = [0]
         slots: list[int] = []
         for ql, sl, bt in zip(query_lens, seq_lens, block_tables):
@@ -46,14 +70,16 @@ class AttentionMetadata:
             for pos in range(sl - ql, sl):
                 slots.append(bt[pos // block_size] * block_size + pos % block_size)
         width = max((len(bt) for bt in block_tables), default=1) or 1
-        table = torch.tensor([bt + [0] * (width - len(bt)) for bt in block_tables], dtype=torch.int32)
-        return cls(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_tables=table.reshape(len(block_tables), width).to(device),
+        table = list(itertools.chain.from_iterable(bt + [0] * (width - len(bt)) for bt in block_tables))
+        slot_t, qsl_t, lens_t, table_t, *extra = upload([slots, qsl, list(seq_lens), table, *inputs], device)
+        meta = cls(
+            slot_mapping=slot_t,
+            query_start_loc=qsl_t.to(torch.int32),
+            seq_lens=lens_t.to(torch.int32),
+            block_tables=table_t.to(torch.int32).reshape(len(block_tables), width),
             max_query_len=max(query_lens, default=0),
             max_seq_len=max(seq_lens, default=0),
             query_start_loc_cpu=qsl,
             seq_lens_cpu=list(seq_lens),
         )
+        return meta, extra

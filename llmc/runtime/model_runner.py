@@ -7,6 +7,7 @@ the runner computes them and returns logits for the rows that need a next token.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -36,6 +37,16 @@ class ScheduledSeq:
     num_tokens: int
     sample: bool
     num_logits: int = 1  # rows at the end that need logits: 1 + k when verifying k speculative tokens
+
+
+@dataclass
+class TokenFeed:
+    """Where a forward's pending input tokens come from: ``input_ids[dst[i]] = tokens[src[i]]`` on the device,
+    ``tokens`` being the previous step's sampled token ids."""
+
+    tokens: torch.Tensor
+    dst: list[int]
+    src: list[int]
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, quantized: bool = False) -> int:
@@ -92,6 +103,11 @@ class ModelRunner:
             t0 = time.perf_counter()
             self.graphs = CudaGraphs(self, sizes)
             self.graph_capture_seconds = time.perf_counter() - t0
+        self.warmup_seconds = 0.0
+        if self.device.type == "cuda" and tp is None:  # TP ranks run forwards in lockstep: rank 0 alone would hang
+            t0 = time.perf_counter()
+            self.warmup_kernels()
+            self.warmup_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ setup
     def _load_weights(self, show_progress: bool) -> None:
@@ -156,24 +172,60 @@ class ModelRunner:
                 sample_rows += range(len(ids) - item.num_logits, len(ids))
         return ids, pos, q_lens, s_lens, tables, sample_rows
 
-    def forward(self, batch: list[ScheduledSeq], logit_rows: list[int] | None = None) -> torch.Tensor:
+    def forward(self, batch: list[ScheduledSeq], logit_rows: list[int] | None = None,
+                feed: "TokenFeed | None" = None) -> torch.Tensor:
         """Run one forward; returns float32 logits ``[len(rows), vocab]`` for the sampled rows
         (or ``logit_rows`` if given: positions in the flat batch)."""
-        return self.forward_lists(self.prepare_lists(batch), logit_rows)
+        return self.forward_lists(self.prepare_lists(batch), logit_rows, feed)
 
     @torch.inference_mode()
-    def forward_lists(self, lists: tuple, logit_rows: list[int] | None = None) -> torch.Tensor:
+    def forward_lists(self, lists: tuple, logit_rows: list[int] | None = None,
+                      feed: "TokenFeed | None" = None) -> torch.Tensor:
+        """``feed`` fills the ``PENDING_TOKEN`` entries of the token ids from device tensors (the tokens the
+        previous step sampled), so the host never waits for them."""
         ids, pos, q_lens, s_lens, tables, sample_rows = lists
         dev = self.device
-        meta = AttentionMetadata.build(q_lens, s_lens, tables, self.block_size, dev)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        positions = torch.tensor(pos, dtype=torch.long, device=dev)
+        rows = sample_rows if logit_rows is None else logit_rows
+        extra = [feed.dst, feed.src] if feed is not None else []
+        meta, (input_ids, positions, rows_t, *fix) = AttentionMetadata.build_with(
+            q_lens, s_lens, tables, self.block_size, dev, ids, pos, rows, *extra)
+        if feed is not None:
+            input_ids[fix[0]] = feed.tokens[fix[1]]
         if (self.graphs is not None and logit_rows is None and meta.is_decode_only
                 and len(q_lens) <= self.graphs.max_batch_size):
             return self.graphs.run(input_ids, positions, meta)
         hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        rows = sample_rows if logit_rows is None else logit_rows
-        return self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
+        if len(rows) == len(ids) and rows == list(range(len(ids))):
+            return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden[rows_t])
+
+    def warmup_batches(self) -> list[list[tuple[int, int]]]:
+        """(new tokens, context length) per sequence of each warm-up batch: prefill at small and large row
+        counts, mixed prefill+decode with and without a split context, decode-only outside the graphs."""
+        long = min(2 * 128 + 1, self.max_seq_len)  # decode_min_split_tokens x 2: the decode kernel splits
+        big = max(2, min(300, self.engine.build.max_num_tokens - 8, self.max_seq_len))
+        return [[(5, 5), (big, big)], [(7, 7), (1, 20), (1, 33)], [(9, 9), (1, long)],
+                [(1, 20), (1, 30)], [(1, 20), (1, long)]]
+
+    @torch.inference_mode()
+    def warmup_kernels(self) -> None:
+        """Run every kernel variant a server meets once, before the first request, so that no Triton JIT
+        compile (about a second each) stalls live traffic. Writes K/V into blocks no request holds yet, so
+        it must run before serving; the logits are thrown away."""
+        for batch in self.warmup_batches():
+            tables, next_block = [], 0
+            for _, ctx in batch:
+                n = -(-ctx // self.block_size)
+                tables.append(list(range(next_block, next_block + n)))
+                next_block += n
+            if next_block > self.num_kv_blocks or sum(q for q, _ in batch) > self.engine.build.max_num_tokens:
+                continue
+            ids = [1] * sum(q for q, _ in batch)
+            pos = [p for q, ctx in batch for p in range(ctx - q, ctx)]
+            rows = list(itertools.accumulate(q for q, _ in batch))
+            self.forward_lists((ids, pos, [q for q, _ in batch], [c for _, c in batch], tables,
+                                [r - 1 for r in rows]))
+        torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:

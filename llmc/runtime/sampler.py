@@ -39,43 +39,47 @@ class SamplingBatch:
     all_random: bool
     max_num_logprobs: int | None
     banned_token_ids: list[list[int]] | None = None
+    # Known on the host from the params, so the sampler never asks the GPU (each ask is a full sync):
+    need_sort: bool = True  # some row has top-k or top-p
+    need_min_p: bool = True
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], token_ids: list[list[int]], output_ids: list[list[int]],
                     vocab_size: int, device: torch.device | str, seeds_offsets: list[int]) -> "SamplingBatch":
+        """Every per-row column in one host->device copy that does not wait for the GPU."""
+        from llmc.plugins.metadata import upload
+
         device = torch.device(device)
-
-        def col(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=device)
-
-        penalties = any(p.has_penalties for p in params)
+        B = len(params)
+        cols = upload([[p.temperature for p in params], [float(p.top_k) for p in params],
+                       [p.top_p for p in params], [p.min_p for p in params],
+                       [p.repetition_penalty for p in params], [p.presence_penalty for p in params],
+                       [p.frequency_penalty for p in params]], device, torch.float32)
         prompt_mask = output_counts = None
-        if penalties:
-            B = len(params)
-            prompt_mask = torch.zeros((B, vocab_size), dtype=torch.bool, device=device)
-            output_counts = torch.zeros((B, vocab_size), dtype=torch.int32, device=device)
+        if any(p.has_penalties for p in params):
+            seen: list[int] = []  # flat indices row * V + token
+            outs: list[int] = []
             for i, (p, prompt, out) in enumerate(zip(params, token_ids, output_ids)):
-                if not p.has_penalties:
-                    continue
-                if prompt:
-                    prompt_mask[i, col(prompt, torch.long)] = True
-                if out:
-                    output_counts[i].index_add_(0, col(out, torch.long),
-                                                torch.ones(len(out), dtype=torch.int32, device=device))
+                if p.has_penalties:
+                    seen += [i * vocab_size + t for t in prompt]
+                    outs += [i * vocab_size + t for t in out]
+            seen_t, outs_t = upload([seen, outs], device)
+            prompt_mask = torch.zeros(B * vocab_size, dtype=torch.bool, device=device)
+            prompt_mask[seen_t] = True
+            output_counts = torch.zeros(B * vocab_size, dtype=torch.int32, device=device)
+            output_counts.index_add_(0, outs_t, torch.ones(len(outs), dtype=torch.int32, device=device))
+            prompt_mask, output_counts = prompt_mask.view(B, vocab_size), output_counts.view(B, vocab_size)
         logprobs = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
-            temperature=col([p.temperature for p in params]),
-            top_k=col([p.top_k for p in params], torch.long),
-            top_p=col([p.top_p for p in params]),
-            min_p=col([p.min_p for p in params]),
-            repetition_penalty=col([p.repetition_penalty for p in params]),
-            presence_penalty=col([p.presence_penalty for p in params]),
-            frequency_penalty=col([p.frequency_penalty for p in params]),
+            temperature=cols[0], top_k=cols[1].long(), top_p=cols[2], min_p=cols[3], repetition_penalty=cols[4],
+            presence_penalty=cols[5], frequency_penalty=cols[6],
             prompt_mask=prompt_mask, output_counts=output_counts,
             generators=[seeded_generator(p.seed, off, device) if p.seed is not None and not p.greedy else None
                         for p, off in zip(params, seeds_offsets)],
             all_greedy=all(p.greedy for p in params), all_random=not any(p.greedy for p in params),
-            max_num_logprobs=max(logprobs) if logprobs else None)
+            max_num_logprobs=max(logprobs) if logprobs else None,
+            need_sort=any(p.top_k > 0 or p.top_p < 1 for p in params if not p.greedy),
+            need_min_p=any(p.min_p > 0 for p in params if not p.greedy))
 
 
 @dataclass
@@ -98,10 +102,13 @@ def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         counts = b.output_counts.float()
         logits -= b.frequency_penalty[:, None] * counts + b.presence_penalty[:, None] * (counts > 0).float()
     if b.banned_token_ids:
+        from llmc.plugins.metadata import upload
+
         rows = [i for i, ids in enumerate(b.banned_token_ids) for _ in ids]
         cols = [t for ids in b.banned_token_ids for t in ids]
         if rows:
-            logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+            rows_t, cols_t = upload([rows, cols], logits.device)
+            logits[rows_t, cols_t] = float("-inf")
     return logits
 
 
@@ -110,8 +117,7 @@ def filtered_probs(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     temp = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
     probs = torch.softmax(logits / temp[:, None], dim=-1)
     V = probs.shape[-1]
-    need_sort = bool((b.top_k > 0).any()) or bool((b.top_p < 1).any())
-    if need_sort:
+    if b.need_sort:
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         rank = torch.arange(V, device=probs.device)[None, :]
         k = torch.where(b.top_k > 0, b.top_k, torch.full_like(b.top_k, V))
@@ -120,7 +126,7 @@ def filtered_probs(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         before = sorted_p.cumsum(-1) - sorted_p  # mass strictly before each token
         sorted_p = sorted_p.masked_fill((before >= b.top_p[:, None]) & (rank > 0), 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
-    if bool((b.min_p > 0).any()):
+    if b.need_min_p:
         thresh = probs.max(-1, keepdim=True).values * b.min_p[:, None]
         probs = probs.masked_fill(probs < thresh, 0.0)
     return probs / probs.sum(-1, keepdim=True)
@@ -131,8 +137,8 @@ def probs_for(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     decoding's rejection sampling."""
     logits = apply_penalties(logits, b)
     probs = filtered_probs(logits, b)
-    greedy = b.temperature == 0
-    if bool(greedy.any()):
+    if not b.all_random:  # some rows are greedy
+        greedy = b.temperature == 0
         onehot = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
         probs = torch.where(greedy[:, None], onehot, probs)
     return probs
