@@ -3,6 +3,15 @@
 It glues the parts: the scheduler picks the batch, the model runner computes it, the sampler picks
 tokens, and the engine applies them (stop conditions, detokenization, metrics, n > 1 forks). It is
 single-threaded on purpose; ``AsyncLLMEngine`` drives it from a background task for the server.
+
+Pipelined steps (``async_scheduling``, on by default on a GPU): a step is *launched* (forward and sampling
+queued on the device, the sampled tokens copied back without waiting) and *resolved* later (tokens read,
+stops checked, outputs made). ``step()`` launches step N, then resolves step N-1 while the GPU computes N,
+so the host's scheduling and output work hides behind device time instead of adding to it. Step N is
+scheduled before step N-1's tokens are known: each decode's input token is fed on the device from N-1's
+sampled tokens (``TokenFeed``), and a sequence that N-1 finished (EOS, stop string) computes one token
+that is thrown away. Requests whose sampling needs the previous token on the host (penalties) and
+speculative decoding make the engine drain the pipeline and run steps synchronously while they live.
 """
 from __future__ import annotations
 
@@ -15,13 +24,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmc.build.engine import load_engine
-from llmc.errors import RequestError
+from llmc.errors import ConfigError, RequestError
 from llmc.runtime.detokenizer import IncrementalDetokenizer
 from llmc.runtime.kv_cache import KVCacheManager
 from llmc.runtime.metrics import EngineMetrics
-from llmc.runtime.model_runner import ModelRunner
+from llmc.plugins.metadata import upload
+from llmc.runtime.model_runner import ModelRunner, ScheduledSeq, TokenFeed
 from llmc.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
-from llmc.runtime.sampler import Sampler, SamplingBatch
+from llmc.runtime.sampler import Sampler, SamplerOutput, SamplingBatch
 from llmc.runtime.sampling_params import SamplingParams
 from llmc.runtime.scheduler import Scheduler, SchedulerOutput
 from llmc.runtime.sequence import Sequence, SequenceStatus
@@ -73,13 +83,45 @@ class Request:
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished, self.metrics)
 
 
+@dataclass
+class LaunchedStep:
+    """A step whose forward and sampling are queued on the device; ``LLMEngine._resolve`` reads it back."""
+
+    seqs: list[Sequence] = field(default_factory=list)  # seqs[i] sampled row i of ``tokens``
+    tokens: torch.Tensor | None = None  # device int64 [len(seqs)]: the next step's pending inputs
+    host: SamplerOutput | None = None  # host copies of the sampler's output, valid once ``event`` is done
+    event: "torch.cuda.Event | None" = None
+    spec_items: list[tuple[Sequence, torch.Tensor]] = field(default_factory=list)
+
+
+def copy_to_host(res: SamplerOutput) -> tuple[SamplerOutput, "torch.cuda.Event | None"]:
+    """Pinned host copies of a device sampler output, queued behind the sampling kernels, and the event that
+    says they have landed. On the CPU the output is already on the host."""
+    if res.token_ids.device.type != "cuda":
+        return res, None
+
+    def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        h.copy_(t, non_blocking=True)
+        return h
+
+    host = SamplerOutput(copy(res.token_ids), copy(res.logprobs), copy(res.top_logprobs), copy(res.top_token_ids))
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
 class LLMEngine:
     def __init__(self, engine_dir: str | Path, device: str | None = None, dtype: str | None = None,
                  num_kv_blocks: int | None = None, enable_prefix_caching: bool = True,
                  max_batch_size: int | None = None, max_num_tokens: int | None = None,
                  gpu_memory_utilization: float = 0.9, kv_cache_bytes: int | None = None,
                  show_progress: bool = True, cuda_graph_batch_sizes: list[int] | None = None,
-                 speculative: "SpecConfig | None" = None):
+                 speculative: "SpecConfig | None" = None, async_scheduling: bool | None = None):
+        """``async_scheduling``: pipeline steps (module docstring); default on for one GPU, off on the CPU
+        (nothing to overlap there) and under tensor parallelism."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.engine = load_engine(engine_dir, device)
         b = self.engine.build
@@ -103,6 +145,13 @@ class LLMEngine:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.requests: dict[str, Request] = {}
         self.metrics = EngineMetrics()
+        if async_scheduling is None:
+            async_scheduling = torch.device(device).type == "cuda" and b.tp_size == 1
+        if async_scheduling and b.tp_size > 1:
+            raise ConfigError("async scheduling is not supported with tensor parallelism yet; leave it off")
+        self.async_scheduling = async_scheduling
+        self._inflight: LaunchedStep | None = None  # launched, not yet resolved (pipelined steps)
+        self._sync_requests = 0  # live requests whose sampling needs the host to know the previous token
         self.spec = None
         if speculative is not None:
             from llmc.spec.decoder import SpecDecoder
@@ -175,6 +224,7 @@ class LLMEngine:
         req = Request(request_id, prompt, prompt_token_ids, params, [self._state(seq)],
                       RequestMetrics(arrival_time=seq.arrival_time))
         self.requests[request_id] = req
+        self._sync_requests += self._needs_sync(params)
         self.scheduler.add(seq)
         self.metrics.prompt_tokens += len(prompt_token_ids)
         return req
@@ -187,9 +237,21 @@ class LLMEngine:
                                            p.include_stop_str_in_output)
         return SeqState(seq, detok)
 
-    def abort_request(self, request_id: str) -> bool:
-        """Abort a request at any point; its blocks are freed at once. Returns False if unknown/finished."""
+    @staticmethod
+    def _needs_sync(params: SamplingParams) -> bool:
+        """Penalties count the output tokens on the host, so they cannot run a step ahead of them."""
+        return params.has_penalties
+
+    def _drop(self, request_id: str) -> Request | None:
         req = self.requests.pop(request_id, None)
+        if req is not None:
+            self._sync_requests -= self._needs_sync(req.params)
+        return req
+
+    def abort_request(self, request_id: str) -> bool:
+        """Abort a request at any point; its blocks are freed at once (a step still in flight that writes
+        into them runs before any later step that reuses them). Returns False if unknown/finished."""
+        req = self._drop(request_id)
         if req is None:
             return False
         for st in req.states:
@@ -206,7 +268,12 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward, sample (or verify proposals), and return delta outputs."""
+        """Schedule and launch one step, and return the delta outputs of the step that just completed: this
+        one when running synchronously, the previous one when pipelined."""
+        pipelined = self.async_scheduling and self.spec is None and not self._sync_requests
+        if self._inflight is not None and not pipelined:  # drain before a synchronous step
+            done, self._inflight = self._inflight, None
+            return self._resolve(done)
         if self.spec is not None:
             self.spec.propose(self.scheduler.running)
         out = self.scheduler.schedule()
@@ -214,17 +281,44 @@ class LLMEngine:
         for seq in out.preempted:
             if self.spec is not None:
                 self.spec.release(seq)
-        if out.empty:
+        launched = self._launch(out) if not out.empty else None
+        if pipelined:
+            launched, self._inflight = self._inflight, launched
+        if launched is None:
             self._update_gauges()
             return []
+        return self._resolve(launched)
+
+    def _feed(self, items: list[ScheduledSeq]) -> TokenFeed | None:
+        """Device sources of the pending input tokens: the previous launched step's sampled rows."""
+        dst: list[int] = []
+        src: list[int] = []
+        flat = 0
+        for item in items:
+            seq = item.seq
+            if seq.num_pending:
+                start, known = seq.num_computed_tokens, seq.num_known_tokens
+                for p in range(max(start, known), start + item.num_tokens):
+                    if seq.num_pending != 1 or self._inflight is None or self._inflight.tokens is None:
+                        raise AssertionError(f"sequence {seq.seq_id}: pending input token with no step to feed it")
+                    dst.append(flat + p - start)
+                    src.append(seq.pending_row)
+            flat += item.num_tokens
+        if not dst:
+            return None
+        assert self._inflight is not None and self._inflight.tokens is not None
+        return TokenFeed(self._inflight.tokens, dst, src)
+
+    def _launch(self, out: SchedulerOutput) -> LaunchedStep:
+        """Queue the forward and the sampling of one scheduled batch; nothing here waits for the device."""
         self.runner.copy_blocks(self.kv.take_pending_copies())
-        logits = self.runner.forward(out.scheduled)
+        feed = self._feed(out.scheduled)
+        logits = self.runner.forward(out.scheduled, feed=feed) if feed else self.runner.forward(out.scheduled)
         self.scheduler.commit(out)
         self.metrics.computed_tokens += out.num_tokens
         now = time.monotonic()
-        sample_seqs: list[Sequence] = []
+        launched = LaunchedStep()
         rows: list[int] = []
-        spec_items: list[tuple[Sequence, torch.Tensor]] = []
         row = 0
         for item in out.scheduled:
             if not item.sample:
@@ -235,21 +329,37 @@ class LLMEngine:
                 req.metrics.first_scheduled_time = now
                 req.metrics.num_cached_tokens = seq.num_cached_prompt_tokens
             if item.num_logits > 1:
-                spec_items.append((seq, logits[row:row + item.num_logits]))
+                launched.spec_items.append((seq, logits[row:row + item.num_logits]))
             else:
-                sample_seqs.append(seq)
+                launched.seqs.append(seq)
                 rows.append(row)
                 if seq.params.n > 1 and seq.index == 0 and len(req.states) == 1:
                     for child in self._fork(req, seq):
-                        sample_seqs.append(child)
+                        launched.seqs.append(child)
                         rows.append(row)
             row += item.num_logits
-        if sample_seqs:
-            self._sample_and_apply(logits[rows], sample_seqs)
-        if spec_items:
-            self._verify_and_apply(spec_items)
-        touched = sample_seqs + [s for s, _ in spec_items]
-        return self._collect_outputs(out, touched)
+        if launched.seqs:
+            if rows != list(range(logits.shape[0])):
+                logits = logits[upload([rows], logits.device)[0]]
+            res = self._sample(logits, launched.seqs)
+            for i, seq in enumerate(launched.seqs):
+                seq.num_pending += 1
+                seq.pending_row = i
+            launched.tokens = res.token_ids
+            launched.host, launched.event = copy_to_host(res)
+        return launched
+
+    def _resolve(self, launched: LaunchedStep) -> list[RequestOutput]:
+        """Read a launched step's tokens back (waiting for the device if it is still busy) and apply them."""
+        if launched.event is not None:
+            launched.event.synchronize()
+        if launched.seqs:
+            assert launched.host is not None
+            self._apply_samples(launched.host, launched.seqs)
+        if launched.spec_items:
+            self._verify_and_apply(launched.spec_items)
+        touched = launched.seqs + [s for s, _ in launched.spec_items]
+        return self._collect_outputs(touched)
 
     def _verify_and_apply(self, items: list[tuple[Sequence, torch.Tensor]]) -> None:
         """Append the verified tokens, then roll the caches back to the tokens that are final."""
@@ -291,21 +401,24 @@ class LLMEngine:
             children.append(child)
         return children
 
-    def _sample_and_apply(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         params = [s.params for s in seqs]
         batch = SamplingBatch.from_params(
             params, [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs], self.vocab_size,
-            logits.device, [s.index * 1_000_003 + s.num_output_tokens for s in seqs])
+            logits.device, [s.index * 1_000_003 + s.num_generated for s in seqs])
         banned = [self._banned(s) for s in seqs]
         batch.banned_token_ids = banned if any(banned) else None
-        res = self.sampler(logits, batch)
+        return self.sampler(logits, batch)
+
+    def _apply_samples(self, res: SamplerOutput, seqs: list[Sequence]) -> None:
         tokens = res.token_ids.tolist()
         lps = res.logprobs.tolist() if res.logprobs is not None else None
         top_ids = res.top_token_ids.tolist() if res.top_token_ids is not None else None
         top_lps = res.top_logprobs.tolist() if res.top_logprobs is not None else None
         now = time.monotonic()
         for i, (seq, tok) in enumerate(zip(seqs, tokens)):
-            if seq.is_finished:
+            seq.num_pending -= 1
+            if seq.is_finished:  # finished or aborted while this step was in flight: the token is void
                 continue
             lp = None
             if seq.params.logprobs is not None and lps is not None:
@@ -333,7 +446,7 @@ class LLMEngine:
     def _banned(self, seq: Sequence) -> list[int]:
         """min_tokens: EOS and stop tokens are not allowed before it is reached."""
         p = seq.params
-        if seq.num_output_tokens >= p.min_tokens:
+        if seq.num_generated >= p.min_tokens:
             return []
         return sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids))
 
@@ -356,7 +469,7 @@ class LLMEngine:
             if st.detok.stopped_by is not None:
                 self._finish(seq, SequenceStatus.FINISHED_STOPPED, st.detok.stopped_by)
                 return
-        if seq.num_output_tokens >= (p.max_tokens or 0) or seq.num_tokens >= self.max_seq_len:
+        if seq.num_output_tokens >= (p.max_tokens or 0) or seq.num_known_tokens >= self.max_seq_len:
             self._finish(seq, SequenceStatus.FINISHED_LENGTH, None)
 
     def _finish(self, seq: Sequence, status: SequenceStatus, reason) -> None:
@@ -369,7 +482,7 @@ class LLMEngine:
     def _count_finish(self, reason: str) -> None:
         self.metrics.requests_finished[reason] = self.metrics.requests_finished.get(reason, 0) + 1
 
-    def _collect_outputs(self, out: SchedulerOutput, sampled: list[Sequence]) -> list[RequestOutput]:
+    def _collect_outputs(self, sampled: list[Sequence]) -> list[RequestOutput]:
         touched: dict[str, Request] = {}
         for seq in sampled:
             req = self.requests.get(seq.request_id)
@@ -398,7 +511,7 @@ class LLMEngine:
                 req.metrics.finished_time = now
                 self.metrics.e2e.observe(now - req.metrics.arrival_time)
                 self._count_finish(req.states[0].seq.status.value)
-                del self.requests[rid]
+                self._drop(rid)
             results.append(RequestOutput(rid, req.prompt, req.prompt_token_ids, deltas, req.finished, req.metrics,
                                          delta=True))
         self._update_gauges()

@@ -195,12 +195,13 @@ class KVCacheManager:
 
     def cache_full_blocks(self, seq: Sequence, num_tokens: int | None = None) -> None:
         """Register the blocks full of the first ``num_tokens`` tokens (default: the computed ones), which the
-        caller vouches are verified (not speculative). Idempotent; cheap when nothing new is full."""
+        caller vouches are verified (not speculative) and whose values are known (not pending). Idempotent; cheap
+        when nothing new is full."""
         if not self.enable_prefix_caching:
             return
         n = seq.num_computed_tokens if num_tokens is None else num_tokens
         bs, done = self.block_size, len(seq.block_hashes)
-        nfull = min(min(n, seq.num_tokens) // bs, len(seq.block_table))
+        nfull = min(min(n, seq.num_known_tokens) // bs, len(seq.block_table))  # pending tokens have no value yet
         if done >= nfull:
             return
         tokens = seq.token_slice(done * bs, nfull * bs)

@@ -101,6 +101,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_pending and seq.length_exhausted:  # finishes when its pending token is read back
+                i += 1
+                continue
             n = min(self._tokens_wanted(seq), budget)
             if n < seq.num_tokens + len(seq.spec_token_ids) - seq.num_computed_tokens and seq.spec_token_ids:
                 seq.spec_token_ids = []  # cannot verify a partial proposal: fall back to plain decode
