@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Device call (issues 6 and 8): pipelined steps (async scheduling) on the GPU, before/after in one run.
 #   1. GPU tests of the pipeline and of graphs/eager/CPU agreement.
-#   2. Synthetic Llama-2-7B weights (random, bf16) -> bf16 and fp8 engines (--no-tune: the default tactics,
-#      which are the H100 sweep's winners; tuning costs minutes of a short lease).
+#   2. Synthetic Llama-2-7B weights (random, bf16) -> bf16 and fp8 engines (--no-tune by default: the default
+#      tactics, the H100 sweep's winners; NOTUNE= builds tuned and prints what the tuner timed).
+# Subsets: TESTS=0 DECODE=0 THROUGHPUT=0 HF_TP=0 skip parts; QUANTS, DL_SET, TP_SET pick runs by name.
 #   3. decode ms/token at batch 1 and 64, pipelined and synchronous, with the device-busy time per step
 #      (torch profiler) so host gaps show; Hugging Face transformers eager at batch 1.
 #   4. `llmc bench throughput` 128/128 x 512 (fp8 and bf16), pipelined and synchronous; HF generate_batch.
@@ -27,8 +28,15 @@ el "checkpoint"
 for q in ${QUANTS:-none fp8}; do
   flags=""; [ "$q" != none ] && flags="--quant $q"
   [ -f /tmp/en-$q/engine.json ] || timeout 300 python3 -m llmc.cli build /tmp/ck7b -o /tmp/en-$q --device cuda \
-    --max-seq-len 4096 --max-batch-size 64 --no-tune $flags > "$R/build-$q.log" 2>&1
+    --max-seq-len 4096 --max-batch-size 64 ${NOTUNE---no-tune} $flags > "$R/build-$q.log" 2>&1
   el "build $q rc=$?"
+  python3 - /tmp/en-$q/engine.json <<'PY' | tee -a "$OUT/summary.txt"
+import json, sys
+t = json.load(open(sys.argv[1])).get("tactics", {})
+for f in t.get("tuning", {}).get("families", []):
+    times = " ".join(f"{c['cfg']}={c['ms']:.4f}" for c in f["candidates"] if "ms" in c)
+    print(f"tuned {f['family']}: winner {f['winner']} {f['winner_ms']:.4f} ms (default {f['default_ms']}) | {times[:400]}")
+PY
 done
 
 summ() {  # one line per decode_latency JSON
@@ -52,13 +60,18 @@ dl() {
   timeout 150 python3 benchmarks/decode_latency.py "$@" > "$R/dl_$name.json" 2>> "$R/err.log"
   summ "$R/dl_$name.json" | tee -a "$OUT/summary.txt"; save
 }
+declare -A DLARGS=(
+  [bf16_b1]="/tmp/en-none --batch 1 --steps 128 --hf"
+  [bf16_b1_sync]="/tmp/en-none --batch 1 --steps 128 --no-async-scheduling"
+  [bf16_b64]="/tmp/en-none --batch 64 --steps 64 --profile"
+  [bf16_b64_sync]="/tmp/en-none --batch 64 --steps 64 --profile --no-async-scheduling"
+  [fp8_b1]="/tmp/en-fp8 --batch 1 --steps 128 --profile"
+  [fp8_b64]="/tmp/en-fp8 --batch 64 --steps 64 --profile")
 if [ "${DECODE:-1}" = 1 ]; then
-  dl bf16_b1 /tmp/en-none --batch 1 --steps 128 --hf
-  dl bf16_b1_sync /tmp/en-none --batch 1 --steps 128 --no-async-scheduling
-  dl bf16_b64 /tmp/en-none --batch 64 --steps 64 --profile
-  dl bf16_b64_sync /tmp/en-none --batch 64 --steps 64 --profile --no-async-scheduling
-  dl fp8_b1 /tmp/en-fp8 --batch 1 --steps 128 --profile
-  dl fp8_b64 /tmp/en-fp8 --batch 64 --steps 64 --profile
+  for name in ${DL_SET:-bf16_b1 bf16_b1_sync bf16_b64 bf16_b64_sync fp8_b1 fp8_b64}; do
+    # shellcheck disable=SC2086
+    dl "$name" ${DLARGS[$name]}
+  done
   el "decode"
 fi
 tp() {
@@ -81,10 +94,14 @@ PY
   save
 }
 if [ "${THROUGHPUT:-1}" = 1 ]; then
-  tp fp8 /tmp/en-fp8
-  tp fp8_sync /tmp/en-fp8 --no-async-scheduling
-  tp bf16 /tmp/en-none
-  tp bf16_sync /tmp/en-none --no-async-scheduling
+  for name in ${TP_SET:-fp8 fp8_sync bf16 bf16_sync}; do
+    case $name in
+      fp8) tp fp8 /tmp/en-fp8 ;;
+      fp8_sync) tp fp8_sync /tmp/en-fp8 --no-async-scheduling ;;
+      bf16) tp bf16 /tmp/en-none ;;
+      bf16_sync) tp bf16_sync /tmp/en-none --no-async-scheduling ;;
+    esac
+  done
   el "throughput"
 fi
 if [ "${HF_TP:-1}" = 1 ]; then

@@ -42,7 +42,6 @@ def main() -> None:
     try:
         with torch.device("cuda"):
             model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
-        model.config._attn_implementation = "sdpa_paged"
         g = torch.Generator().manual_seed(0)
         inputs = [torch.randint(10, s["vocab_size"], (a.input_len,), generator=g).tolist()
                   for _ in range(a.num_requests)]

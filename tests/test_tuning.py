@@ -74,6 +74,25 @@ def test_tune_covers_attention_and_quantized_gemm_families():
     json.dumps(res)  # storable in engine.json
 
 
+def test_fp8_tunes_the_library_crossover_with_earlier_winners_applied():
+    """fp8 engines also time from how many rows cuBLASLt's FP8 GEMM beats the decode tiling (batched decode);
+    that family runs with the decode-rows winner in place, and every table is restored afterwards."""
+    saved = dict(qg.TACTICS)
+    seen = []
+
+    def timer(fn):
+        fn()
+        seen.append((qg.TACTICS["small_block_n"], qg.TACTICS["scaled_mm_min_m"]))
+        return 1.0 + abs(qg.TACTICS["small_block_n"] - 64) + abs(qg.TACTICS["scaled_mm_min_m"] - 33) / 100
+    res = tuning.tune(TINY, SMALL, QuantConfig("fp8"), device=DEV, timer=timer, show_progress=False,
+                      seconds_per_family=300)
+    names = [f["family"] for f in res["tuning"]["families"]]
+    assert names[-2:] == ["fp8 GEMM (decode rows)", "fp8 library GEMM from M rows"]
+    assert res["quant_gemm"]["small_block_n"] == 64 and res["quant_gemm"]["scaled_mm_min_m"] == 33
+    assert all(bn == 64 for bn, m in seen if m != saved["scaled_mm_min_m"])  # crossover timed with the winner
+    assert qg.TACTICS == saved
+
+
 def test_build_stores_tactics_and_runner_applies_them(tiny_factory, tmp_path, monkeypatch):
     from llmc.build import builder
     from llmc.build.engine import load_engine

@@ -113,9 +113,25 @@ def _gemm_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: t
     if group:
         return [Family("int4 GEMV (1 row)", "quant_gemm", ("gemv_block_n", "gemv_block_k", "gemv_num_warps"),
                        list(itertools.product((16, 32, 64), (256, 512, 1024), (4, 8))), cases)]
-    return [Family(f"{quant.method} GEMM (decode rows)", "quant_gemm",
+    fams = [Family(f"{quant.method} GEMM (decode rows)", "quant_gemm",
                    ("small_block_n", "small_block_k", "small_swap"),
                    list(itertools.product((32, 64), (128, 256), (0, 1))), cases)]
+    lib_key = {"fp8": "scaled_mm_min_m", "w8a8": "int_mm_min_m"}.get(quant.method)
+    if lib_key is not None:
+        # From how many rows the library GEMM (cuBLASLt FP8 / _int_mm) beats the decode tiling: timed at
+        # batched-decode row counts, where a 128-wide library tile is half empty.
+        wide = []
+        for n, k in shapes:
+            t = {name: v.to(device) for name, v in
+                 quantize_projection(quant.method, torch.randn(n, k, generator=g) * 0.02, None).items()}
+            isc = torch.ones(k, device=device) if quant.method == "w8a8" else None
+            for m in (32, 64):
+                x = torch.randn(m, k, generator=g).to(device, dtype)
+                wide.append(lambda x=x, t=t, isc=isc: qg.qgemm(x, quant.method, t["qweight"], t["scales"], None, 0,
+                                                              isc))
+        fams.append(Family(f"{quant.method} library GEMM from M rows", "quant_gemm", (lib_key,),
+                           [(17,), (33,), (65,)], wide))
+    return fams
 
 
 def tune_family(fam: Family, timer: Timer, tol: float, bar=None, seconds: float = 30.0) -> dict[str, Any]:
@@ -172,12 +188,19 @@ def tune(model: ModelConfig, build: BuildConfig, quant: QuantConfig, device: str
     tol = 1e-3 if dtype == torch.float32 else 3e-2
     out: dict[str, Any] = {}
     record = []
-    with tqdm(total=sum(len(f.candidates) + 1 for f in fams), desc="build: tune kernels", unit="variant",
-              disable=not show_progress) as bar:
-        for fam in fams:
-            res = tune_family(fam, timer or cuda_graph_timer, tol, bar, seconds_per_family)
-            out.setdefault(fam.module, {}).update(res["winner"])
-            record.append(res)
+    saved = {m: dict(_module(m).TACTICS) for m in TUNABLE_MODULES}
+    try:
+        with tqdm(total=sum(len(f.candidates) + 1 for f in fams), desc="build: tune kernels", unit="variant",
+                  disable=not show_progress) as bar:
+            for fam in fams:
+                res = tune_family(fam, timer or cuda_graph_timer, tol, bar, seconds_per_family)
+                out.setdefault(fam.module, {}).update(res["winner"])
+                record.append(res)
+                _module(fam.module).TACTICS.update(res["winner"])  # later families time with these winners
+    finally:
+        for m, table in saved.items():
+            _module(m).TACTICS.clear()
+            _module(m).TACTICS.update(table)
     out["tuning"] = {"seconds": round(time.perf_counter() - t0, 1), "families": record}
     return out
 
