@@ -100,9 +100,10 @@ def test_split_k_is_used_for_small_batches_and_agrees(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("m", [1, 16, 100, 512])
+@pytest.mark.parametrize("m", [1, 16, 48, 64, 100, 512])
 def test_qgemm_llama_shapes_gpu(method, m):
-    """Llama-2-7B's MLP down projection shape (K=11008, N=4096) in bf16, decode and prefill row counts."""
+    """Llama-2-7B's MLP down projection shape (K=11008, N=4096) in bf16, decode (the Triton tiling up to 64 rows)
+    and prefill row counts."""
     k, n = 11008, 4096
     layer = make_layer(method, k, n, group=128, bias=False, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
