@@ -100,11 +100,12 @@ def _gemm_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: t
     shapes = [(qkv, h), (h, model.num_attention_heads * model.head_dim), (2 * i, h), (h, i)]
     group = group_size_of(quant) if quant.method in ("int4", "int4-awq") else 0
     g = torch.Generator().manual_seed(1)
-    cases = []
+    cases, projections = [], []
     for n, k in shapes:
         t = {name: v.to(device) for name, v in
              quantize_projection(quant.method, torch.randn(n, k, generator=g) * 0.02, group or None).items()}
         isc = torch.ones(k, device=device) if quant.method in ("int4-awq", "w8a8") else None
+        projections.append((k, t, isc))
         x = torch.randn(1, k, generator=g).to(device, dtype)
         sg = t["scales"].t().contiguous() if group else None
         zg = t["zeros"].t().contiguous() if group else None
@@ -121,10 +122,7 @@ def _gemm_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: t
         # From how many rows the library GEMM (cuBLASLt FP8 / _int_mm) beats the decode tiling: timed at
         # batched-decode row counts, where a 128-wide library tile is half empty.
         wide = []
-        for n, k in shapes:
-            t = {name: v.to(device) for name, v in
-                 quantize_projection(quant.method, torch.randn(n, k, generator=g) * 0.02, None).items()}
-            isc = torch.ones(k, device=device) if quant.method == "w8a8" else None
+        for k, t, isc in projections:  # the same quantized weights as the decode-rows family
             for m in (32, 64):
                 x = torch.randn(m, k, generator=g).to(device, dtype)
                 wide.append(lambda x=x, t=t, isc=isc: qg.qgemm(x, quant.method, t["qweight"], t["scales"], None, 0,

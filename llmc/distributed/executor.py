@@ -287,8 +287,11 @@ class TPExecutor:
         if self.failed is not None:
             raise RuntimeError(f"tensor-parallel engine unusable: {self.failed}")
 
-    def forward(self, batch, logit_rows: list[int] | None = None) -> torch.Tensor:
-        """Broadcast this step's inputs, run rank 0's share; returns the full logits like ``ModelRunner``."""
+    def forward(self, batch, logit_rows: list[int] | None = None, feed=None) -> torch.Tensor:
+        """Broadcast this step's inputs, run rank 0's share; returns the full logits like ``ModelRunner``.
+        ``feed`` must be None: a TP engine runs synchronous steps, so no input token is pending."""
+        if feed is not None:
+            raise AssertionError("tensor-parallel steps cannot take pending input tokens (no async scheduling)")
         self._check()
         lists = self.runner.prepare_lists(batch)
         copies, self._pending_copies = self._pending_copies, []

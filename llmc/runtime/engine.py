@@ -296,24 +296,20 @@ class LLMEngine:
         flat = 0
         for item in items:
             seq = item.seq
-            if seq.num_pending:
-                start, known = seq.num_computed_tokens, seq.num_known_tokens
-                for p in range(max(start, known), start + item.num_tokens):
-                    if seq.num_pending != 1 or self._inflight is None or self._inflight.tokens is None:
-                        raise AssertionError(f"sequence {seq.seq_id}: pending input token with no step to feed it")
-                    dst.append(flat + p - start)
-                    src.append(seq.pending_row)
+            start, known = seq.num_computed_tokens, seq.num_known_tokens
+            if seq.num_pending and start + item.num_tokens > known:  # input includes the pending (last) token
+                if seq.num_pending != 1 or self._inflight is None or self._inflight.tokens is None:
+                    raise AssertionError(f"sequence {seq.seq_id}: pending input token with no step to feed it")
+                dst.append(flat + known - start)
+                src.append(seq.pending_row)
             flat += item.num_tokens
-        if not dst:
-            return None
-        assert self._inflight is not None and self._inflight.tokens is not None
-        return TokenFeed(self._inflight.tokens, dst, src)
+        return TokenFeed(self._inflight.tokens, dst, src) if dst else None
 
     def _launch(self, out: SchedulerOutput) -> LaunchedStep:
         """Queue the forward and the sampling of one scheduled batch; nothing here waits for the device."""
         self.runner.copy_blocks(self.kv.take_pending_copies())
         feed = self._feed(out.scheduled)
-        logits = self.runner.forward(out.scheduled, feed=feed) if feed else self.runner.forward(out.scheduled)
+        logits = self.runner.forward(out.scheduled, feed=feed)
         self.scheduler.commit(out)
         self.metrics.computed_tokens += out.num_tokens
         now = time.monotonic()

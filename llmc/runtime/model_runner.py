@@ -202,7 +202,9 @@ class ModelRunner:
     def warmup_batches(self) -> list[list[tuple[int, int]]]:
         """(new tokens, context length) per sequence of each warm-up batch: prefill at small and large row
         counts, mixed prefill+decode with and without a split context, decode-only outside the graphs."""
-        long = min(2 * 128 + 1, self.max_seq_len)  # decode_min_split_tokens x 2: the decode kernel splits
+        from llmc.plugins.triton_kernels import TACTICS
+
+        long = min(2 * TACTICS["decode_min_split_tokens"] + 1, self.max_seq_len)  # long enough for a split
         big = max(2, min(300, self.engine.build.max_num_tokens - 8, self.max_seq_len))
         return [[(5, 5), (big, big)], [(7, 7), (1, 20), (1, 33)], [(9, 9), (1, long)],
                 [(1, 20), (1, 30)], [(1, 20), (1, long)]]
