@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llmc.plugins import ops  # noqa: E402
 from llmc.runtime.engine import LLMEngine  # noqa: E402
 from llmc.runtime.sampling_params import SamplingParams  # noqa: E402
 
@@ -127,7 +128,11 @@ def main() -> None:
     ap.add_argument("--no-async-scheduling", action="store_true", help="synchronous steps (no pipelining)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.45)
     ap.add_argument("--profile", action="store_true", help="add the top CUDA kernels of 20 decode steps")
+    ap.add_argument("--no-fuse", action="append", default=[], choices=sorted(ops.FUSIONS),
+                    help="run this fusion's ops unfused (repeatable): before/after figures in one process")
     a = ap.parse_args()
+    for name in a.no_fuse:
+        ops.FUSIONS[name] = False
     bw = measure_bandwidth()
     t0 = time.perf_counter()
     eng = LLMEngine(a.engine, device="cuda", gpu_memory_utilization=a.gpu_memory_utilization,
@@ -139,13 +144,16 @@ def main() -> None:
     wbytes = weight_bytes(eng.runner.model)
     c = eng.engine.model
     ctx = a.prompt_len + a.steps / 2
-    kv_bytes = a.batch * ctx * 2 * c.num_hidden_layers * c.kv_size * 2
+    kv_elem = torch.empty(0, dtype=eng.runner.kv_dtype).element_size() + (4 / c.head_dim if eng.runner.kv_quantized
+                                                                           else 0)  # + a scale per head row
+    kv_bytes = a.batch * ctx * 2 * c.num_hidden_layers * c.kv_size * kv_elem
     floor_ms = (wbytes + kv_bytes) / bw * 1e3
     res = {"engine": a.engine, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
            "batch": a.batch, "prompt_len": a.prompt_len, "steps": a.steps, "bandwidth_GBps": bw / 1e9,
            "weight_GB": wbytes / 1e9, "floor_ms": floor_ms, "startup_s": startup,
            "graph_capture_s": eng.runner.graph_capture_seconds, "quant": eng.engine.quant.method,
-           "cuda_graphs": eng.runner.graphs is not None, "async_scheduling": eng.async_scheduling}
+           "cuda_graphs": eng.runner.graphs is not None, "async_scheduling": eng.async_scheduling,
+           "kv_cache_dtype": str(eng.runner.kv_dtype), "fusions": dict(ops.FUSIONS)}
     ours = llmc_decode(eng, a.batch, a.prompt_len, a.steps)
     res["llmc"] = {**ours, "fraction_of_floor": floor_ms / ours["ms_per_step"],
                    "tokens_per_s": a.batch * 1e3 / ours["ms_per_step"]}

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Device call (issues 6 and 8): pipelined steps (async scheduling) on the GPU, before/after in one run.
-#   1. GPU tests of the pipeline and of graphs/eager/CPU agreement.
-#   2. Synthetic Llama-2-7B weights (random, bf16) -> bf16 and fp8 engines (--no-tune by default: the default
-#      tactics, the H100 sweep's winners; NOTUNE= builds tuned and prints what the tuner timed).
-# Subsets: TESTS=0 DECODE=0 THROUGHPUT=0 HF_TP=0 skip parts; QUANTS, DL_SET, TP_SET pick runs by name.
-#   3. decode ms/token at batch 1 and 64, pipelined and synchronous, with the device-busy time per step
-#      (torch profiler) so host gaps show; Hugging Face transformers eager at batch 1.
-#   4. `llmc bench throughput` 128/128 x 512 (fp8 and bf16), pipelined and synchronous; HF generate_batch.
+# One device call (issues 6 and 8): GPU tests, synthetic Llama-2-7B engines, decode latency, throughput.
+#   1. GPU tests (TESTS=0 skips; GPU_TESTS picks the files / -k filter; GPU_MARK= also runs the unmarked tests
+#      that pick CUDA when there is one).
+#   2. Synthetic Llama-2-7B weights (random, bf16) -> engines named in QUANTS: none (bf16), fp8, fp8kv (fp8
+#      weights + fp8 KV cache), nonekv (bf16 + fp8 KV cache); --max-batch-size $MAXB (default 64); --no-tune
+#      unless NOTUNE= (empty), which builds tuned and prints what the tuner timed.
+#   3. decode ms/token (DL_SET names, below): batch 1 and 64, pipelined or synchronous, fused or unfused ops,
+#      with the device-busy time per step (torch profiler) so host gaps show; HF transformers eager at batch 1.
+#   4. `llmc bench throughput` (TP_SET entries ENGINE@BATCH[:INxOUT[:N]], e.g. fp8@64 or
+#      fp8kv@256:2048x2048:128; default 128x128 and 512 requests); HF generate_batch (HF_SET entries INxOUT:N).
+# Subsets: TESTS=0 DECODE=0 THROUGHPUT=0 HF_TP=0 skip parts.
 # Everything lands in $OUT/results.tar.gz plus $OUT/summary.txt (the device tool returns at most 8 files).
 set -u
 OUT=${OUT:-/tmp/llmc-out}
@@ -20,15 +23,22 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 python3 -c "import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__)" | tee -a "$R/gpu.txt"
 
 if [ "${TESTS:-1}" = 1 ]; then
-  timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_pipeline.py tests/test_gpu.py 2>&1 \
-    | tail -15 > "$R/gpu_tests.log"; tail -3 "$R/gpu_tests.log"; el "gpu tests"
+  # shellcheck disable=SC2086
+  timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider ${GPU_MARK--m gpu} ${GPU_TESTS:-tests/test_pipeline.py tests/test_gpu.py} 2>&1 \
+    | tail -25 > "$R/gpu_tests.log"; tail -8 "$R/gpu_tests.log" | tee -a "$OUT/summary.txt"; el "gpu tests"
 fi
 [ -d /tmp/ck7b ] || python3 benchmarks/synthetic_ckpt.py llama-2-7b /tmp/ck7b > /dev/null 2>> "$R/err.log"
 el "checkpoint"
 for q in ${QUANTS:-none fp8}; do
-  flags=""; [ "$q" != none ] && flags="--quant $q"
+  case $q in
+    none) flags="" ;;
+    nonekv) flags="--kv-cache-dtype fp8" ;;
+    fp8kv) flags="--quant fp8 --kv-cache-dtype fp8" ;;
+    *) flags="--quant $q" ;;
+  esac
+  # shellcheck disable=SC2086
   [ -f /tmp/en-$q/engine.json ] || timeout 300 python3 -m llmc.cli build /tmp/ck7b -o /tmp/en-$q --device cuda \
-    --max-seq-len 4096 --max-batch-size 64 ${NOTUNE---no-tune} $flags > "$R/build-$q.log" 2>&1
+    --max-seq-len 4096 --max-batch-size "${MAXB:-64}" ${NOTUNE---no-tune} $flags > "$R/build-$q.log" 2>&1
   el "build $q rc=$?"
   python3 - /tmp/en-$q/engine.json <<'PY' | tee -a "$OUT/summary.txt"
 import json, sys
@@ -65,8 +75,16 @@ declare -A DLARGS=(
   [bf16_b1_sync]="/tmp/en-none --batch 1 --steps 128 --no-async-scheduling"
   [bf16_b64]="/tmp/en-none --batch 64 --steps 64 --profile"
   [bf16_b64_sync]="/tmp/en-none --batch 64 --steps 64 --profile --no-async-scheduling"
+  [bf16_b1_unfused]="/tmp/en-none --batch 1 --steps 128 --profile --no-fuse rope_write_kv"
+  [bf16_b1_prof]="/tmp/en-none --batch 1 --steps 128 --profile"
   [fp8_b1]="/tmp/en-fp8 --batch 1 --steps 128 --profile"
-  [fp8_b64]="/tmp/en-fp8 --batch 64 --steps 64 --profile")
+  [fp8_b1_unfused]="/tmp/en-fp8 --batch 1 --steps 128 --profile --no-fuse rope_write_kv --no-fuse act_quant"
+  [fp8_b64]="/tmp/en-fp8 --batch 64 --steps 64 --profile"
+  [fp8_b64_unfused]="/tmp/en-fp8 --batch 64 --steps 64 --profile --no-fuse rope_write_kv --no-fuse act_quant"
+  [fp8kv_b64]="/tmp/en-fp8kv --batch 64 --steps 64 --profile"
+  [fp8kv_b1]="/tmp/en-fp8kv --batch 1 --steps 128 --profile"
+  [int8_b1]="/tmp/en-int8 --batch 1 --steps 128 --profile"
+  [int4_b1]="/tmp/en-int4 --batch 1 --steps 128 --profile")
 if [ "${DECODE:-1}" = 1 ]; then
   for name in ${DL_SET:-bf16_b1 bf16_b1_sync bf16_b64 bf16_b64_sync fp8_b1 fp8_b64}; do
     # shellcheck disable=SC2086
@@ -74,11 +92,15 @@ if [ "${DECODE:-1}" = 1 ]; then
   done
   el "decode"
 fi
-tp() {
-  name=$1; eng=$2; shift 2
-  timeout 200 python3 -m llmc.cli bench throughput "$eng" -n "${N:-512}" --input-len "${IN:-128}" \
-    --output-len "${OUTLEN:-128}" --device cuda --gpu-memory-utilization 0.9 "$@" -o "$R/tp_$name.json" \
-    > /dev/null 2>> "$R/err.log"
+tp() {  # tp ENGINE@BATCH[:INxOUT[:N]] [extra llmc bench flags]
+  spec=$1; shift
+  eng=${spec%%@*}; rest=${spec#*@}; batch=${rest%%:*}
+  lens=128x128; n=${N:-512}
+  case $rest in *:*) lens=${rest#*:}; case $lens in *:*) n=${lens#*:}; lens=${lens%%:*} ;; esac ;; esac
+  name="${eng}_b${batch}_${lens}${1:+_sync}"
+  timeout "${TP_TIMEOUT:-200}" python3 -m llmc.cli bench throughput "/tmp/en-$eng" -n "$n" --input-len "${lens%x*}" \
+    --output-len "${lens#*x}" --device cuda --gpu-memory-utilization 0.9 --max-batch-size "$batch" "$@" \
+    -o "$R/tp_$name.json" > /dev/null 2>> "$R/err.log"
   python3 - "$R/tp_$name.json" <<'PY' | tee -a "$OUT/summary.txt"
 import json, sys
 try:
@@ -86,27 +108,30 @@ try:
 except Exception as e:
     sys.exit(print(sys.argv[1], "no result", e))
 r, e = d["results"], d["engine"]
-print(f'{sys.argv[1].split("/")[-1]}: {e["quantization"]} async={e.get("async_scheduling")} out tok/s '
-      f'{r["output_tokens_per_s"]:.0f} total {r["total_tokens_per_s"]:.0f} elapsed {r["elapsed_s"]:.2f}s '
+print(f'{sys.argv[1].split("/")[-1]}: {e["quantization"]} kv={e.get("kv_cache_dtype")} async={e.get("async_scheduling")} '
+      f'out tok/s {r["output_tokens_per_s"]:.0f} total {r["total_tokens_per_s"]:.0f} elapsed {r["elapsed_s"]:.2f}s '
       f'TPOT p50 {r["tpot_ms"]["p50"]:.2f} ITL p50 {r["itl_ms"]["p50"]:.2f} p99 {r["itl_ms"]["p99"]:.2f} '
-      f'TTFT p50 {r["ttft_ms"]["p50"]:.0f} steps {e["steps"]} startup {e["startup_s"]:.1f}s')
+      f'TTFT p50 {r["ttft_ms"]["p50"]:.0f} steps {e["steps"]} preempted {e.get("num_preemptions")} '
+      f'peak batch {e.get("peak_running")} startup {e["startup_s"]:.1f}s')
 PY
   save
 }
 if [ "${THROUGHPUT:-1}" = 1 ]; then
-  for name in ${TP_SET:-fp8 fp8_sync bf16 bf16_sync}; do
-    case $name in
-      fp8) tp fp8 /tmp/en-fp8 ;;
-      fp8_sync) tp fp8_sync /tmp/en-fp8 --no-async-scheduling ;;
-      bf16) tp bf16 /tmp/en-none ;;
-      bf16_sync) tp bf16_sync /tmp/en-none --no-async-scheduling ;;
+  for spec in ${TP_SET:-fp8@64 none@64}; do
+    case $spec in
+      *_sync) tp "${spec%_sync}" --no-async-scheduling ;;
+      *) tp "$spec" ;;
     esac
   done
   el "throughput"
 fi
 if [ "${HF_TP:-1}" = 1 ]; then
-  timeout 150 python3 benchmarks/hf_throughput.py llama-2-7b -n "${HF_N:-128}" > "$R/hf_tp.json" 2>> "$R/err.log"
-  python3 -c "import json; d=json.load(open('$R/hf_tp.json')); print('hf generate_batch', d.get('output_tokens_per_s'), d.get('elapsed_s'), d.get('error'))" | tee -a "$OUT/summary.txt"
+  for spec in ${HF_SET:-128x128:64}; do
+    lens=${spec%%:*}; n=${spec#*:}
+    timeout "${HF_TIMEOUT:-150}" python3 benchmarks/hf_throughput.py llama-2-7b -n "$n" --input-len "${lens%x*}" \
+      --output-len "${lens#*x}" > "$R/hf_tp_$lens.json" 2>> "$R/err.log"
+    python3 -c "import json; d=json.load(open('$R/hf_tp_$lens.json')); print('hf generate_batch $lens n=$n', d.get('output_tokens_per_s'), d.get('elapsed_s'), d.get('error'))" | tee -a "$OUT/summary.txt"
+  done
   el "hf throughput"
 fi
 tail -5 "$R/err.log" 2>/dev/null

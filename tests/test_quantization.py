@@ -202,6 +202,28 @@ def test_quantized_tiny_engine_close_to_float(tiny_quantized, method):
             "model.layers.0.self_attn.q_proj.bias"} <= names  # float parts unchanged
 
 
+@pytest.mark.parametrize("method", ["fp8", "w8a8"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_fused_producers_give_the_same_logits(tiny_quantized, method, device, monkeypatch):
+    """RMSNorm and SwiGLU quantizing the rows their fp8/w8a8 linear reads, and RoPE applied while writing
+    K/V, compute the same bits as the unfused ops (w8a8 also divides the SmoothQuant input scale there).
+    On the CPU this checks the reference composition and the linear's pre-quantized input path; on the GPU
+    the Triton kernels (bf16 as served, with prefill chunks and decode-sized rows)."""
+    from llmc.plugins import ops
+    from tests.test_foundation import runner_logits_on
+
+    qeng = tiny_quantized[1][method][1]
+    ids = list(range(5, 45)) + list(range(100, 60, -1))
+    dtype = "float32" if device == "cpu" else "bfloat16"
+    fused = runner_logits_on(qeng, ids, device, dtype, chunk=13).cpu()
+    monkeypatch.setitem(ops.FUSIONS, "act_quant", False)
+    monkeypatch.setitem(ops.FUSIONS, "rope_write_kv", False)
+    plain = runner_logits_on(qeng, ids, device, dtype, chunk=13).cpu()
+    assert torch.equal(fused, plain)
+    assert fused.abs().max() > 0
+
+
 @pytest.mark.parametrize("method", ["int4-awq", "w8a8"])
 def test_fused_groups_share_one_input_scale(tiny_quantized, method):
     _, engines = tiny_quantized

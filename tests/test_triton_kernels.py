@@ -21,6 +21,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed: the Trit
 
 from llmc.plugins import reference  # noqa: E402
 from llmc.plugins import triton_kernels as tk  # noqa: E402
+from llmc.plugins.act_quant import QuantizedRows  # noqa: E402
 from llmc.plugins.metadata import AttentionMetadata  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -234,6 +235,110 @@ def test_small_fused_ops_match_reference(dtype):
         torch.testing.assert_close(got, want, **tol)
 
 
+def _bits(t):
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _kv_pools(nb, page, hk, d, cache_dtype):
+    """Zeroed caches (+ scale pools for a quantized cache), so untouched slots must stay zero."""
+    quant = cache_dtype in (torch.float8_e4m3fn, torch.int8)
+    kc = torch.zeros(nb, page, hk, d, device=DEV).to(cache_dtype)
+    scales = [torch.zeros(nb, page, hk, device=DEV) for _ in range(2)] if quant else [None, None]
+    return [kc, kc.clone(), *scales]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache", ["same", "fp8", "int8"])
+def test_rope_write_kv_matches_unfused_and_reference(dtype, cache):
+    """One launch for RoPE + K/V write: the same bits as ``rotary_embedding`` then ``write_kv`` (these kernels),
+    and the reference composition within rounding; padding slots (-1) write nothing; GQA 3, strided views."""
+    g = torch.Generator().manual_seed(11)
+    T, hq, hk, d, page, nb = 9, 6, 2, 64, 16, 5
+    cache_dtype = {"same": dtype, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[cache]
+    qkv = rnd(T, (hq + 2 * hk) * d, g=g, dtype=dtype) * 3
+    q = qkv[:, : hq * d].reshape(T, hq, d)
+    k = qkv[:, hq * d:(hq + hk) * d].reshape(T, hk, d)
+    v = qkv[:, (hq + hk) * d:].reshape(T, hk, d)
+    cs = rnd(64, d, g=g)
+    pos = torch.tensor([0, 5, 63, 7, 7, 1, 30, 2, 9], device=DEV)
+    slots = torch.tensor([3, 17, -1, 40, 41, 0, 63, -1, 79], device=DEV)
+    fused, unfused, want = (_kv_pools(nb, page, hk, d, cache_dtype) for _ in range(3))
+    q_fused = tk.rope_write_kv(pos, q, k, v, cs, fused[0], fused[1], slots, fused[2], fused[3])
+    q_unfused, k_rot = tk.rotary_embedding(pos, q, k, cs)
+    tk.write_kv(k_rot, v, unfused[0], unfused[1], slots, unfused[2], unfused[3])
+    q_ref = reference.rope_write_kv(pos, q, k, v, cs, want[0], want[1], slots, want[2], want[3])
+    assert torch.equal(q_fused, q_unfused)
+    for a, b in zip(fused, unfused):
+        if a is not None:
+            assert torch.equal(_bits(a), _bits(b))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(q_fused.float(), q_ref.float(), **tol)
+    if want[2] is None:
+        torch.testing.assert_close(fused[0].float(), want[0].float(), **tol)
+        torch.testing.assert_close(fused[1].float(), want[1].float(), **tol)
+    else:  # dequantized rows; bf16 rounding differences may move a value by one 8-bit step
+        for c, sc, rc, rs in ((fused[0], fused[2], want[0], want[2]), (fused[1], fused[3], want[1], want[3])):
+            torch.testing.assert_close(sc, rs, atol=1e-6, rtol=2e-2)
+            slack = 1.05 if dtype == torch.float32 else 2.0  # bf16: the rotated k may differ by an ulp
+            step = torch.maximum(sc, rs)[..., None] * (1.0 if cache == "int8" else 32.0) * slack
+            assert ((c.float() * sc[..., None] - rc.float() * rs[..., None]).abs() <= step + 1e-6).all()
+    written = torch.zeros(nb * page, dtype=torch.bool)
+    written[slots[slots >= 0].cpu()] = True
+    assert (fused[0].float().reshape(nb * page, -1)[~written.to(DEV)] == 0).all()
+    assert (fused[0].float().reshape(nb * page, -1)[written.to(DEV)] != 0).any()
+
+
+def _check_quantized_rows(got, want, method):
+    """Dequantized rows agree within one 8-bit step, two in bf16 (whose rounding of the 16-bit row may
+    differ by an ulp from torch's under the interpreter)."""
+    assert got.q.dtype == want.q.dtype and got.dtype == want.dtype
+    torch.testing.assert_close(got.scale, want.scale, atol=1e-9, rtol=2e-2)
+    gd = got.q.float() * got.scale[:, None]
+    wd = want.q.float() * want.scale[:, None]
+    slack = 1.05 if got.dtype == torch.float32 else 2.0
+    step = torch.maximum(got.scale, want.scale)[:, None] * (1.0 if method == "w8a8" else 32.0) * slack
+    assert ((gd - wd).abs() <= step + 1e-6).all()
+    assert (got.q.float() == want.q.float()).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["fp8", "w8a8"])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_quantizing_producers_match_unfused_and_reference(dtype, method, smooth):
+    """RMSNorm (with and without the residual add) and SwiGLU writing the per-token quantized rows of an
+    fp8/w8a8 linear: the same bits as the op followed by ``quantize_activations``, near the reference."""
+    from llmc.plugins import quant_gemm as qg
+
+    g = torch.Generator().manual_seed(6)
+    T, H, inter = 7, 96, 1100  # the SwiGLU row spans more than one 1024-wide block
+    x, r = rnd(T, H, g=g, dtype=dtype) * 2, rnd(T, H, g=g, dtype=dtype)
+    w = rnd(H, g=g, dtype=dtype)
+    isc = (torch.rand(H, generator=g) + 0.5).to(DEV) if smooth else None
+    gu = rnd(T, 2 * inter, g=g, dtype=dtype)
+    isc_i = (torch.rand(inter, generator=g) + 0.5).to(DEV) if smooth else None
+
+    got = tk.rms_norm_quant(x, w, 1e-5, method, isc)
+    unf = qg.quantize_activations(tk.rms_norm(x, w, 1e-5), method, isc)
+    assert torch.equal(_bits(got.q), _bits(unf[0])) and torch.equal(got.scale, unf[1])
+    _check_quantized_rows(got, reference.rms_norm_quant(x, w, 1e-5, method, isc), method)
+
+    got, res = tk.fused_add_rms_norm_quant(x, r, w, 1e-5, method, isc)
+    normed, res_unf = tk.fused_add_rms_norm(x, r, w, 1e-5)
+    unf = qg.quantize_activations(normed, method, isc)
+    assert torch.equal(_bits(got.q), _bits(unf[0])) and torch.equal(got.scale, unf[1]) and torch.equal(res, res_unf)
+    want, res_ref = reference.fused_add_rms_norm_quant(x, r, w, 1e-5, method, isc)
+    _check_quantized_rows(got, want, method)
+    torch.testing.assert_close(res, res_ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+    got = tk.silu_and_mul_quant(gu, method, isc_i)
+    unf = qg.quantize_activations(tk.silu_and_mul(gu), method, isc_i)
+    if CUDA:
+        assert torch.equal(_bits(got.q), _bits(unf[0])) and torch.equal(got.scale, unf[1])
+    else:  # the interpreter's exp (numpy) may differ by an ulp between the two kernels' block shapes
+        _check_quantized_rows(got, QuantizedRows(*unf, gu.dtype), method)
+    _check_quantized_rows(got, reference.silu_and_mul_quant(gu, method, isc_i), method)
+
+
 # ---------------------------------------------------------------------------- GPU-only, larger shapes
 GPU_CASES = {  # Llama-like: head_dim 128, GQA 1 / 4 / 8, contexts of thousands of tokens
     "decode-b32-gqa8": ([1] * 32, [random.Random(i).randint(1, 3000) for i in range(32)], 32, 4, 16),
@@ -290,3 +395,26 @@ def test_small_ops_large_gpu():
         torch.testing.assert_close(got, want, **tol)
     gu = rnd(300, 2 * 11008, g=g, dtype=torch.bfloat16)
     torch.testing.assert_close(m.silu_and_mul(gu), reference.silu_and_mul(gu), **tol)
+    from llmc.plugins import quant_gemm as qg
+
+    for method in ("fp8", "w8a8"):  # Llama-2-7B widths: the fused producers are the same bits as unfused
+        got, _ = m.fused_add_rms_norm_quant(x, r, w, 1e-5, method)
+        unf = qg.quantize_activations(m.fused_add_rms_norm(x, r, w, 1e-5)[0], method, None)
+        assert torch.equal(_bits(got.q), _bits(unf[0])) and torch.equal(got.scale, unf[1])
+        got = m.silu_and_mul_quant(gu, method)
+        unf = qg.quantize_activations(m.silu_and_mul(gu), method, None)
+        assert torch.equal(_bits(got.q), _bits(unf[0])) and torch.equal(got.scale, unf[1])
+    hq, hk, d, page = 32, 8, 128, 16
+    qkv = rnd(300, (hq + 2 * hk) * d, g=g, dtype=torch.bfloat16)
+    q, k, v = qkv[:, :hq * d].reshape(300, hq, d), qkv[:, hq * d:(hq + hk) * d].reshape(300, hk, d), \
+        qkv[:, (hq + hk) * d:].reshape(300, hk, d)
+    cs = rnd(4096, d, g=g)
+    pos = torch.randint(0, 4096, (300,), generator=g).to(DEV)
+    slots = torch.randperm(40 * page, generator=g)[:300].to(DEV)
+    for cache_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        fused, unfused = _kv_pools(40, page, hk, d, cache_dtype), _kv_pools(40, page, hk, d, cache_dtype)
+        qf = m.rope_write_kv(pos, q, k, v, cs, *fused[:2], slots, *fused[2:])
+        qu, kr = m.rotary_embedding(pos, q, k, cs)
+        m.write_kv(kr, v, *unfused[:2], slots, *unfused[2:])
+        assert torch.equal(qf, qu)
+        assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(fused, unfused) if a is not None)

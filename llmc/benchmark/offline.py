@@ -146,7 +146,7 @@ def engine_info(engine, startup_s: float) -> dict:
     return {"device": str(r.device), "dtype": str(r.dtype).replace("torch.", ""),
             "max_batch_size": engine.max_batch_size, "max_num_tokens": engine.max_num_tokens,
             "max_seq_len": engine.max_seq_len, "num_kv_blocks": r.num_kv_blocks, "block_size": r.block_size,
-            "async_scheduling": engine.async_scheduling,
+            "async_scheduling": engine.async_scheduling, "kv_cache_dtype": str(r.kv_dtype).replace("torch.", ""),
             "kv_cache_tokens": r.num_kv_blocks * r.block_size, "startup_s": startup_s,
             "graph_capture_s": getattr(r, "graph_capture_seconds", 0.0),
             "model": {"type": engine.engine.model.model_type, "layers": engine.engine.model.num_hidden_layers,

@@ -15,6 +15,7 @@ from llmc.config import ModelConfig, QuantConfig
 from llmc.models.linear import make_linear
 from llmc.models.rope import cos_sin_cache
 from llmc.plugins import ops
+from llmc.plugins.act_quant import QuantizedRows
 from llmc.plugins.kv_layout import KVCache
 from llmc.plugins.metadata import AttentionMetadata
 
@@ -45,10 +46,23 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, consumer: nn.Module | None = None):
+        """``consumer``: the linear that reads the result; an fp8/w8a8 one gets its rows quantized here."""
+        quant = _producer_quant(consumer)
         if residual is None:
+            if quant:
+                return ops.rms_norm_quant(x, self.weight, self.eps, *quant)
             return ops.rms_norm(x, self.weight, self.eps)
+        if quant:
+            return ops.fused_add_rms_norm_quant(x, residual, self.weight, self.eps, *quant)
         return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+def _producer_quant(linear: nn.Module | None):
+    """``(method, input_scale)`` when ``linear`` reads per-token quantized rows and the fusion is on."""
+    if linear is None or not ops.FUSIONS["act_quant"]:
+        return None
+    return getattr(linear, "producer_quant", None)
 
 
 class Attention(nn.Module):
@@ -63,15 +77,14 @@ class Attention(nn.Module):
         self.qkv_proj = make_linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.attention_bias, quant, dtype)
         self.o_proj = make_linear(self.q_size, cfg.hidden_size, False, quant, dtype)  # row-parallel under TP
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+    def forward(self, x: torch.Tensor | QuantizedRows, positions: torch.Tensor, cos_sin: torch.Tensor,
                 kv: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        q, k = ops.rotary_embedding(positions, q, k, cos_sin)
-        ops.write_kv(k, v, kv.k, kv.v, meta.slot_mapping, kv.k_scale, kv.v_scale)
+        q = ops.rope_write_kv(positions, q, k, v, cos_sin, kv.k, kv.v, meta.slot_mapping, kv.k_scale, kv.v_scale)
         o = ops.paged_attention(q, kv.k, kv.v, meta, self.scale, kv.k_scale, kv.v_scale)
         out = self.o_proj(o.reshape(-1, self.q_size))
         return out if self.tp is None else self.tp.all_reduce(out)
@@ -85,8 +98,10 @@ class MLP(nn.Module):
         self.gate_up_proj = make_linear(cfg.hidden_size, 2 * inter, cfg.mlp_bias, quant, dtype)
         self.down_proj = make_linear(inter, cfg.hidden_size, cfg.mlp_bias, quant, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        quant = _producer_quant(self.down_proj)
+        out = self.down_proj(ops.silu_and_mul_quant(gate_up, *quant) if quant else ops.silu_and_mul(gate_up))
         return out if self.tp is None else self.tp.all_reduce(out)
 
 
@@ -101,11 +116,11 @@ class DecoderLayer(nn.Module):
     def forward(self, x, residual, positions, cos_sin, kv, meta):
         if residual is None:
             residual = x
-            x = self.input_layernorm(x)
+            x = self.input_layernorm(x, consumer=self.self_attn.qkv_proj)
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.input_layernorm(x, residual, consumer=self.self_attn.qkv_proj)
         x = self.self_attn(x, positions, cos_sin, kv, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(x, residual, consumer=self.mlp.gate_up_proj)
         return self.mlp(x), residual
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmc.config import QuantConfig
+from llmc.plugins.act_quant import QUANTIZED_INPUT_METHODS, QuantizedRows, dequantize_rows
 
 # Per-input-channel tensors: identical across a fused group; the builder keeps one copy (it checks).
 SHARED_INPUT_TENSORS = ("input_scale",)
@@ -190,39 +191,56 @@ class QuantLinear(nn.Module):
         self._dequant = self._group_major = None
         return super()._load_from_state_dict(*args, **kwargs)
 
-    def _forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def producer_quant(self) -> tuple[str, torch.Tensor | None] | None:
+        """``(method, input_scale)`` when this layer reads per-token quantized rows (fp8, w8a8): the op that
+        produces its input can quantize them instead (``act_quant.py``); ``None`` for weight-only methods."""
+        return (self.method, self.input_scale) if self.method in QUANTIZED_INPUT_METHODS else None
+
+    def _forward_cuda(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         """The Triton / cuBLASLt kernels of ``plugins/quant_gemm.py``; int4's group scales and zeros are
         transposed once to ``[K/G, N]`` (coalesced loads), the engine's tensors stay as stored."""
         from llmc.plugins.quant_gemm import qgemm
 
-        shape = x.shape
+        pre = isinstance(x, QuantizedRows)
+        shape = x.q.shape if pre else x.shape
         gs = gz = None
         group = getattr(self, "group_size", 0)
         if group:
-            if self._group_major is None or self._group_major[0].device != x.device:
+            if self._group_major is None or self._group_major[0].device != self.qweight.device:
                 self._group_major = (self.scales.t().contiguous(), self.zeros.t().contiguous())
             gs, gz = self._group_major
-        y = qgemm(x.reshape(-1, shape[-1]), self.method, self.qweight, self.scales, getattr(self, "zeros", None),
-                  group, self.input_scale, self.bias, gs, gz)
+        y = qgemm(x if pre else x.reshape(-1, shape[-1]), self.method, self.qweight, self.scales,
+                  getattr(self, "zeros", None), group, self.input_scale, self.bias, gs, gz)
         return y.reshape(*shape[:-1], self.out_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        """``x``: float rows, or (fp8/w8a8) rows already quantized by their producer with this layer's
+        ``producer_quant``; both give the same result."""
+        pre = isinstance(x, QuantizedRows)
+        if (x.q if pre else x).is_cuda:
             return self._forward_cuda(x)
-        shape = x.shape
-        xf = x.reshape(-1, shape[-1]).float()
-        if self.input_scale is not None:
-            xf = xf / self.input_scale
-        if self.method == "w8a8":
-            xq, xs = quantize_act_int8_per_token(xf)
-            y = int8_gemm(xq, xs, self.qweight, self.scales)
+        if pre:
+            if self.method not in QUANTIZED_INPUT_METHODS:
+                raise ValueError(f"{self.method} linears take float activations, not pre-quantized rows")
+            shape, out_dtype = x.q.shape, x.dtype
+            y = (int8_gemm(x.q, x.scale[:, None], self.qweight, self.scales) if self.method == "w8a8"
+                 else F.linear(dequantize_rows(x), self.dequantized_weight()))
         else:
-            if self.method == "fp8":
-                xf = fake_quant_act_fp8(xf)
-            y = F.linear(xf, self.dequantized_weight())
+            shape, out_dtype = x.shape, x.dtype
+            xf = x.reshape(-1, shape[-1]).float()
+            if self.input_scale is not None:
+                xf = xf / self.input_scale
+            if self.method == "w8a8":
+                xq, xs = quantize_act_int8_per_token(xf)
+                y = int8_gemm(xq, xs, self.qweight, self.scales)
+            else:
+                if self.method == "fp8":
+                    xf = fake_quant_act_fp8(xf)
+                y = F.linear(xf, self.dequantized_weight())
         if self.bias is not None:
             y = y + self.bias.float()
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y.to(out_dtype).reshape(*shape[:-1], self.out_features)
 
 
 def make_quant_linear(in_features: int, out_features: int, bias: bool, quant: QuantConfig,

@@ -14,6 +14,11 @@ from llmc.plugins import reference
 _FAST: dict[str, Callable] = {}
 _loaded = False
 
+# Fusions the model uses where they apply (switchable for before/after measurements, benchmarks/decode_latency.py):
+# "rope_write_kv": RoPE applied while writing K/V into the cache; "act_quant": RMSNorm and SwiGLU write the
+# per-token quantized rows an fp8/w8a8 linear reads. Either way the results are the same bits.
+FUSIONS: dict[str, bool] = {"rope_write_kv": True, "act_quant": True}
+
 
 def _fast(name: str, t: torch.Tensor) -> Callable | None:
     global _loaded
@@ -67,3 +72,29 @@ def silu_and_mul(x) -> torch.Tensor:
 
 def rotary_embedding(positions, q, k, cos_sin_cache):
     return (_fast("rotary_embedding", q) or reference.rotary_embedding)(positions, q, k, cos_sin_cache)
+
+
+def rope_write_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
+    """RoPE on q and k, k and v written to the cache; returns the rotated q (one launch on the GPU)."""
+    fn = _fast("rope_write_kv", q) if FUSIONS["rope_write_kv"] else None
+    if fn is None:
+        q, k = rotary_embedding(positions, q, k, cos_sin_cache)
+        write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        return q
+    return fn(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+
+def rms_norm_quant(x, weight, eps: float, method: str, input_scale=None):
+    """``rms_norm`` quantized per token for a ``method`` (fp8/w8a8) linear: ``act_quant.QuantizedRows``."""
+    return (_fast("rms_norm_quant", x) or reference.rms_norm_quant)(x, weight, eps, method, input_scale)
+
+
+def fused_add_rms_norm_quant(x, residual, weight, eps: float, method: str, input_scale=None):
+    """``(rms_norm_quant(x + residual), x + residual)``."""
+    return (_fast("fused_add_rms_norm_quant", x) or reference.fused_add_rms_norm_quant)(
+        x, residual, weight, eps, method, input_scale)
+
+
+def silu_and_mul_quant(x, method: str, input_scale=None):
+    """``silu_and_mul`` quantized per token for a ``method`` linear: ``act_quant.QuantizedRows``."""
+    return (_fast("silu_and_mul_quant", x) or reference.silu_and_mul_quant)(x, method, input_scale)

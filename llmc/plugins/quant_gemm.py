@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmc.plugins.act_quant import QUANTIZED_INPUT_METHODS, QuantizedRows
 from llmc.plugins.triton_compat import INTERPRET as _INTERPRET
 
 TACTICS: dict[str, int] = {
@@ -61,11 +62,43 @@ TACTICS: dict[str, int] = {
 
 
 @triton.jit
+def round_e4m3(x):
+    """Round fp32 ``x`` (|x| <= 448) to the nearest-even fp8 e4m3 value, still in fp32. The Triton 3.6
+    interpreter's fp32 -> fp8 cast drops the carry when rounding crosses a power of two (31.8 -> 16); values
+    already on the e4m3 grid convert exactly, so interpreter runs round first. Normals keep 3 mantissa bits
+    (bit trick on the fp32 pattern); below 2^-6 the grid is 2^-9, rounded by adding and removing 1.5 * 2^14."""
+    b = x.to(tl.int32, bitcast=True)
+    b = (b + 0x7FFFF + ((b >> 20) & 1)) & -1048576  # -1048576 = ~0xFFFFF: clear 20 of 23 mantissa bits
+    sub = (x + 24576.0) - 24576.0
+    return tl.where(tl.abs(x) < 0.015625, sub, b.to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def _round_half_even(v):
     f = tl.floor(v)
     d = v - f
     odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
     return tl.where(d > 0.5, f + 1.0, tl.where(d < 0.5, f, tl.where(odd, f + 1.0, f)))
+
+
+@triton.jit
+def act_scale(amax, IS_FP8: tl.constexpr):
+    """Per-token scale from a row's absmax, as ``quant_linear``: fp8 maps it to 448, int8 to 127."""
+    if IS_FP8:
+        return tl.maximum(amax, 1e-12) / 448.0
+    return tl.maximum(amax, 1e-8) / 127.0
+
+
+@triton.jit
+def act_values(v, out_ty, IS_FP8: tl.constexpr, ROUND_FP8: tl.constexpr):
+    """``v`` (already divided by its scale) as stored: e4m3 saturated at 448 (``ROUND_FP8``: rounded first,
+    for the interpreter's faulty cast), or int8 rounded half to even and clamped to -127..127."""
+    if IS_FP8:
+        v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+        if ROUND_FP8:
+            v = round_e4m3(v)
+        return v.to(out_ty)
+    return tl.minimum(tl.maximum(_round_half_even(v), -127.0), 127.0).to(tl.int8)
 
 
 @triton.jit
@@ -80,23 +113,15 @@ def _act_quant_kernel(x_ptr, isc_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
         if HAS_ISC:
             v = v / tl.load(isc_ptr + offs, mask=offs < K, other=1.0)
         amax = tl.maximum(amax, tl.abs(v))
-    m = tl.max(amax, axis=0)
-    if IS_FP8:
-        s = tl.maximum(m, 1e-12) / 448.0
-    else:
-        s = tl.maximum(m, 1e-8) / 127.0
+    s = act_scale(tl.max(amax, axis=0), IS_FP8)
     tl.store(s_ptr + row, s)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
         v = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
         if HAS_ISC:
             v = v / tl.load(isc_ptr + offs, mask=offs < K, other=1.0)
-        v = v / s
-        if IS_FP8:
-            q = tl.minimum(tl.maximum(v, -448.0), 448.0).to(q_ptr.dtype.element_ty)
-        else:
-            q = tl.minimum(tl.maximum(_round_half_even(v), -127.0), 127.0).to(tl.int8)
-        tl.store(q_ptr + row * stride_qm + offs, q, mask=offs < K)
+        tl.store(q_ptr + row * stride_qm + offs, act_values(v / s, q_ptr.dtype.element_ty, IS_FP8, False),
+                 mask=offs < K)
 
 
 @triton.jit
@@ -379,29 +404,36 @@ def _scaled_mm_ok(m: int, n: int, k: int) -> bool:
             and torch.cuda.get_device_capability() >= (8, 9))
 
 
-def qgemm(x: torch.Tensor, method: str, qweight: torch.Tensor, scales: torch.Tensor,
+def qgemm(x: torch.Tensor | QuantizedRows, method: str, qweight: torch.Tensor, scales: torch.Tensor,
           zeros: torch.Tensor | None = None, group: int = 0, input_scale: torch.Tensor | None = None,
           bias: torch.Tensor | None = None, scales_gn: torch.Tensor | None = None,
           zeros_gn: torch.Tensor | None = None) -> torch.Tensor:
     """``y [M, N] = x [M, K] @ W^T (+ bias)`` for a stored quantized weight (``quant_linear`` layouts).
 
-    ``scales_gn`` / ``zeros_gn`` are int4's group tensors transposed to ``[K/G, N]`` (coalesced loads);
-    made from ``scales`` / ``zeros`` when not given."""
-    m, k = x.shape
+    ``x`` may be ``QuantizedRows`` for fp8/w8a8 (quantized by the op that produced it, ``input_scale``
+    already divided out). ``scales_gn`` / ``zeros_gn`` are int4's group tensors transposed to ``[K/G, N]``
+    (coalesced loads); made from ``scales`` / ``zeros`` when not given."""
+    w_int4 = method in ("int4", "int4-awq")
+    x_quant = method in QUANTIZED_INPUT_METHODS
+    pre = isinstance(x, QuantizedRows)
+    if pre and not x_quant:
+        raise ValueError(f"{method} GEMMs take float activations, not pre-quantized rows")
+    m, k = x.q.shape if pre else x.shape
     n = qweight.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((m, n), dtype=x.dtype, device=qweight.device)
     if m == 0:
         return out
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    w_int4 = method in ("int4", "int4-awq")
-    x_quant = method in ("fp8", "w8a8")
     xs = None
+    if pre:
+        x, xs = x.q, x.scale
+    x = x if x.stride(-1) == 1 else x.contiguous()
     # decode rows: the GEMM quantizes its own activations (fp8 only on the GPU: the interpreter's e4m3
     # rounding is wrong)
-    fuse = (x_quant and m <= TACTICS["small_m"] and bool(TACTICS["fuse_act_quant"])
+    fuse = (x_quant and not pre and m <= TACTICS["small_m"] and bool(TACTICS["fuse_act_quant"])
             and not (method == "fp8" and _INTERPRET))
     if x_quant and not fuse:
-        x, xs = quantize_activations(x, method, input_scale)
+        if not pre:
+            x, xs = quantize_activations(x, method, input_scale)
         if method == "fp8" and out.dtype == torch.bfloat16 and _scaled_mm_ok(m, n, k):
             y = torch._scaled_mm(x, qweight.t(), scale_a=xs[:, None], scale_b=scales[None, :].float(),
                                  bias=None, out_dtype=torch.bfloat16)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llmc.plugins.act_quant import QuantizedRows, quantize_rows
 from llmc.plugins.kv_layout import KV_QMAX, KV_SCALE_FLOOR
 from llmc.plugins.metadata import AttentionMetadata
 
@@ -124,3 +125,33 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
     return rot(q), rot(k)
+
+
+# ---------------------------------------------------------------------------- fused producers
+def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, method: str,
+                   input_scale: torch.Tensor | None = None) -> QuantizedRows:
+    """``rms_norm``, its rows quantized per token for a ``method`` (fp8 / w8a8) linear."""
+    return quantize_rows(rms_norm(x, weight, eps).reshape(-1, x.shape[-1]), method, input_scale)
+
+
+def fused_add_rms_norm_quant(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                             method: str, input_scale: torch.Tensor | None = None):
+    """``fused_add_rms_norm`` with the normalized rows quantized as ``rms_norm_quant``."""
+    normed, res = fused_add_rms_norm(x, residual, weight, eps)
+    return quantize_rows(normed.reshape(-1, x.shape[-1]), method, input_scale), res
+
+
+def silu_and_mul_quant(x: torch.Tensor, method: str, input_scale: torch.Tensor | None = None) -> QuantizedRows:
+    """``silu_and_mul``, its rows quantized per token for a ``method`` linear."""
+    y = silu_and_mul(x)
+    return quantize_rows(y.reshape(-1, y.shape[-1]), method, input_scale)
+
+
+def rope_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``rotary_embedding`` of q and k, then ``write_kv`` of the rotated k and v; returns the rotated q."""
+    q, k = rotary_embedding(positions, q, k, cos_sin_cache)
+    write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return q

@@ -34,10 +34,12 @@ import torch
 import triton
 import triton.language as tl
 
+from llmc.plugins.act_quant import QUANTIZED_INPUT_METHODS, QuantizedRows
 from llmc.plugins.kv_layout import KV_QMAX
 from llmc.plugins.metadata import AttentionMetadata
 from llmc.plugins.triton_compat import INTERPRET as _INTERPRET
 from llmc.plugins.ops import register
+from llmc.plugins.quant_gemm import act_scale, act_values, round_e4m3
 
 _LOG2E = 1.4426950408889634
 
@@ -90,15 +92,15 @@ def _fit_tiles(rows: int, bn: int, stages: int, d: int, esize: int) -> tuple[int
 
 # ============================================================================ write_kv
 @triton.jit
-def _round_e4m3(x):
-    """Round fp32 ``x`` (|x| <= 448) to the nearest-even fp8 e4m3 value, still in fp32. The Triton 3.6
-    interpreter's fp32 -> fp8 cast drops the carry when rounding crosses a power of two (31.8 -> 16); values
-    already on the e4m3 grid convert exactly, so interpreter runs round first. Normals keep 3 mantissa bits
-    (bit trick on the fp32 pattern); below 2^-6 the grid is 2^-9, rounded by adding and removing 1.5 * 2^14."""
-    b = x.to(tl.int32, bitcast=True)
-    b = (b + 0x7FFFF + ((b >> 20) & 1)) & -1048576  # -1048576 = ~0xFFFFF: clear 20 of 23 mantissa bits
-    sub = (x + 24576.0) - 24576.0
-    return tl.where(tl.abs(x) < 0.015625, sub, b.to(tl.float32, bitcast=True))
+def _kv_values(y, IS_INT: tl.constexpr, ROUND_FP8: tl.constexpr):
+    """Scaled K/V values as stored: int8 rounds half up, fp8 saturates at 448 (rounded first under the
+    interpreter, whose fp32 -> e4m3 cast is faulty)."""
+    if IS_INT:
+        return tl.minimum(tl.maximum(tl.floor(y + 0.5), -127.0), 127.0)
+    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    if ROUND_FP8:
+        y = round_e4m3(y)
+    return y
 
 
 @triton.jit
@@ -106,14 +108,16 @@ def _quantize_rows(x, QMAX: tl.constexpr, IS_INT: tl.constexpr, ROUND_FP8: tl.co
     """``x [H, D]`` -> (values to store, per-row fp32 scales), as ``reference.quantize_kv``."""
     x = x.to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(x), axis=1) / QMAX, 1e-12)  # KV_SCALE_FLOOR
-    y = x / scale[:, None]
-    if IS_INT:
-        y = tl.minimum(tl.maximum(tl.floor(y + 0.5), -127.0), 127.0)
-    else:
-        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-        if ROUND_FP8:
-            y = _round_e4m3(y)
-    return y, scale
+    return _kv_values(x / scale[:, None], IS_INT, ROUND_FP8), scale
+
+
+@triton.jit
+def _quantize_halves(a, b, QMAX: tl.constexpr, IS_INT: tl.constexpr, ROUND_FP8: tl.constexpr):
+    """``_quantize_rows`` of rows held as two halves ``a, b [H, D/2]`` (RoPE's layout): one scale per row."""
+    amax = tl.maximum(tl.max(tl.abs(a), axis=1), tl.max(tl.abs(b), axis=1))
+    scale = tl.maximum(amax / QMAX, 1e-12)  # KV_SCALE_FLOOR
+    return (_kv_values(a / scale[:, None], IS_INT, ROUND_FP8), _kv_values(b / scale[:, None], IS_INT, ROUND_FP8),
+            scale)
 
 
 @triton.jit
@@ -551,8 +555,11 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, 
 
 # ============================================================================ fused small ops
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, eps, stride_x, stride_r,
-                     N: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, isc_ptr, s_ptr, eps, stride_x, stride_r,
+                     N: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr, QUANT: tl.constexpr,
+                     IS_FP8: tl.constexpr, HAS_ISC: tl.constexpr, ROUND_FP8: tl.constexpr):
+    """``QUANT``: store the row quantized per token for an fp8/w8a8 linear (``out`` is 8-bit, ``s`` gets its
+    scale), from the normalized row rounded to the input dtype, exactly what that linear would quantize."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -565,22 +572,51 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, eps, stride_x,
     var = tl.sum(x * x, axis=0) / N
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     y = x * tl.rsqrt(var + eps) * w
-    tl.store(out_ptr + row * N + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if QUANT:
+        y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
+        if HAS_ISC:
+            y = y / tl.load(isc_ptr + offs, mask=mask, other=1.0)
+        scale = act_scale(tl.max(tl.abs(y), axis=0), IS_FP8)
+        tl.store(s_ptr + row, scale)
+        tl.store(out_ptr + row * N + offs, act_values(y / scale, out_ptr.dtype.element_ty, IS_FP8, ROUND_FP8),
+                 mask=mask)
+    else:
+        tl.store(out_ptr + row * N + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _rms(x, residual, weight, eps):
+def _quant_out(rows: int, n: int, method: str | None, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(8-bit rows, fp32 scales) for a producer that quantizes for a ``method`` linear; (None, None) if not."""
+    if method is None:
+        return None, None
+    if method not in QUANTIZED_INPUT_METHODS:
+        raise ValueError(f"{method!r} linears take float activations; only {QUANTIZED_INPUT_METHODS} quantize them")
+    dtype = torch.float8_e4m3fn if method == "fp8" else torch.int8
+    return (torch.empty((rows, n), dtype=dtype, device=device),
+            torch.empty((rows,), dtype=torch.float32, device=device))
+
+
+def _quant_flags(method: str | None, input_scale) -> dict:
+    fp8 = method == "fp8"
+    return dict(IS_FP8=fp8, HAS_ISC=input_scale is not None, ROUND_FP8=_INTERPRET and fp8)
+
+
+def _rms(x, residual, weight, eps, method=None, input_scale=None):
     N = x.shape[-1]
     x2 = _last_dim_contig(x.reshape(-1, N))
     rows = x2.shape[0]
-    out = torch.empty((rows, N), dtype=x.dtype, device=x.device)
-    res_out = torch.empty_like(out) if residual is not None else out
+    q, s = _quant_out(rows, N, method, x.device)
+    out = q if q is not None else torch.empty((rows, N), dtype=x.dtype, device=x.device)
+    res_out = torch.empty((rows, N), dtype=x.dtype, device=x.device) if residual is not None else out
     r2 = _last_dim_contig(residual.reshape(-1, N)) if residual is not None else x2
     if rows:
         block = _pow2(N)
-        _rms_norm_kernel[(rows,)](x2, r2, weight, out, res_out, eps, x2.stride(0), r2.stride(0),
-                                  N=N, BLOCK=block, HAS_RES=residual is not None,
+        _rms_norm_kernel[(rows,)](x2, r2, weight, out, res_out,
+                                  input_scale if input_scale is not None else weight, s if s is not None else weight,
+                                  eps, x2.stride(0), r2.stride(0), N=N, BLOCK=block, HAS_RES=residual is not None,
+                                  QUANT=method is not None, **_quant_flags(method, input_scale),
                                   num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16))
-    return out.view(x.shape), res_out.view(x.shape)
+    normed = QuantizedRows(q, s, x.dtype) if q is not None else out.view(x.shape)
+    return normed, res_out.view(x.shape)
 
 
 @register("rms_norm")
@@ -592,6 +628,18 @@ def rms_norm(x, weight, eps: float) -> torch.Tensor:
 def fused_add_rms_norm(x, residual, weight, eps: float):
     """Returns ``(rms_norm(x + residual), x + residual)`` as new tensors (one read of each input)."""
     return _rms(x, residual, weight, eps)
+
+
+@register("rms_norm_quant")
+def rms_norm_quant(x, weight, eps: float, method: str, input_scale=None) -> QuantizedRows:
+    """``rms_norm`` whose output row is quantized per token for a ``method`` (fp8/w8a8) linear."""
+    return _rms(x, None, weight, eps, method, input_scale)[0]
+
+
+@register("fused_add_rms_norm_quant")
+def fused_add_rms_norm_quant(x, residual, weight, eps: float, method: str, input_scale=None):
+    """``(quantized rms_norm(x + residual), x + residual)``, the quantization as ``rms_norm_quant``."""
+    return _rms(x, residual, weight, eps, method, input_scale)
 
 
 @triton.jit
@@ -616,6 +664,49 @@ def silu_and_mul(x) -> torch.Tensor:
         _silu_mul_kernel[(x2.shape[0], triton.cdiv(I, block))](x2, out, x2.stride(0), I=I, BLOCK=block,
                                                                num_warps=TACTICS["small_num_warps"])
     return out.view(*x.shape[:-1], I)
+
+
+@triton.jit
+def _silu_mul_rounded(x_ptr, isc_ptr, row, stride_x, offs, mask, I: tl.constexpr, HAS_ISC: tl.constexpr):
+    g = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + I + offs, mask=mask, other=0.0).to(tl.float32)
+    y = (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
+    if HAS_ISC:
+        y = y / tl.load(isc_ptr + offs, mask=mask, other=1.0)
+    return y
+
+
+@triton.jit
+def _silu_mul_quant_kernel(x_ptr, isc_ptr, q_ptr, s_ptr, stride_x, I: tl.constexpr, BLOCK: tl.constexpr,
+                           IS_FP8: tl.constexpr, HAS_ISC: tl.constexpr, ROUND_FP8: tl.constexpr):
+    """One row: SwiGLU rounded to the input dtype, its absmax, then the quantized row (the SwiGLU is
+    recomputed in the second pass: its inputs are still in L2, and no 16-bit row is written)."""
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros((BLOCK,), tl.float32)
+    for k0 in range(0, I, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        y = _silu_mul_rounded(x_ptr, isc_ptr, row, stride_x, offs, offs < I, I, HAS_ISC)
+        amax = tl.maximum(amax, tl.abs(y))
+    scale = act_scale(tl.max(amax, axis=0), IS_FP8)
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, I, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        y = _silu_mul_rounded(x_ptr, isc_ptr, row, stride_x, offs, offs < I, I, HAS_ISC)
+        tl.store(q_ptr + row * I + offs, act_values(y / scale, q_ptr.dtype.element_ty, IS_FP8, ROUND_FP8),
+                 mask=offs < I)
+
+
+@register("silu_and_mul_quant")
+def silu_and_mul_quant(x, method: str, input_scale=None) -> QuantizedRows:
+    """``silu_and_mul`` of ``[T, 2 * I]`` quantized per token for a ``method`` (fp8/w8a8) linear."""
+    I = x.shape[-1] // 2
+    x2 = _last_dim_contig(x.reshape(-1, 2 * I))
+    q, s = _quant_out(x2.shape[0], I, method, x.device)
+    if x2.shape[0]:
+        _silu_mul_quant_kernel[(x2.shape[0],)](x2, input_scale if input_scale is not None else s, q, s, x2.stride(0),
+                                               I=I, BLOCK=min(2048, _pow2(I)), **_quant_flags(method, input_scale),
+                                               num_warps=8)
+    return QuantizedRows(q, s, x.dtype)
 
 
 @triton.jit
@@ -662,3 +753,74 @@ def rotary_embedding(positions, q, k, cos_sin_cache):
                            cs.stride(0), HQ=Hq, HQ_PAD=_pow2(Hq), HK=Hk, HK_PAD=_pow2(Hk), HALF=D // 2,
                            num_warps=TACTICS["small_num_warps"])
     return qo, ko
+
+
+@triton.jit
+def _rope_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr, cs_ptr,
+                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
+                          stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_sb,
+                          stride_ss, HQ: tl.constexpr, HQ_PAD: tl.constexpr, HK: tl.constexpr,
+                          HK_PAD: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr,
+                          QMAX: tl.constexpr, IS_INT: tl.constexpr, ROUND_FP8: tl.constexpr):
+    """One token: rotate its query heads (stored to ``qo``), rotate its key heads and write them with its
+    value heads straight into their cache slot (quantized per (token, head) for an fp8/int8 cache). The
+    rotated key is rounded to the activation dtype first, as ``rotary_embedding`` then ``write_kv`` do."""
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs_d = tl.arange(0, HALF)
+    cos = tl.load(cs_ptr + pos * stride_cs + offs_d).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * stride_cs + HALF + offs_d).to(tl.float32)
+    _rope_heads(q_ptr, qo_ptr, t, cos, sin, stride_qt, stride_qh, HQ, HQ_PAD, HALF)
+
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    blk, row = slot // PAGE, slot % PAGE
+    offs_h = tl.arange(0, HK_PAD)
+    hmask = (offs_h < HK) & (slot >= 0)
+    mask = hmask[:, None]
+    ksrc = k_ptr + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :]
+    k1 = tl.load(ksrc, mask=mask, other=0.0).to(tl.float32)
+    k2 = tl.load(ksrc + HALF, mask=mask, other=0.0).to(tl.float32)
+    act = k_ptr.dtype.element_ty
+    r1 = (k1 * cos[None, :] - k2 * sin[None, :]).to(act).to(tl.float32)
+    r2 = (k2 * cos[None, :] + k1 * sin[None, :]).to(act).to(tl.float32)
+    vsrc = v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
+    v1 = tl.load(vsrc, mask=mask, other=0.0).to(tl.float32)
+    v2 = tl.load(vsrc + HALF, mask=mask, other=0.0).to(tl.float32)
+    kdst = kc_ptr + blk * stride_kcb + row * stride_kcs + offs_h[:, None] * stride_kch + offs_d[None, :]
+    vdst = vc_ptr + blk * stride_vcb + row * stride_vcs + offs_h[:, None] * stride_vch + offs_d[None, :]
+    if QUANT:
+        soff = blk * stride_sb + row * stride_ss + offs_h
+        r1, r2, k_scale = _quantize_halves(r1, r2, QMAX, IS_INT, ROUND_FP8)
+        v1, v2, v_scale = _quantize_halves(v1, v2, QMAX, IS_INT, ROUND_FP8)
+        tl.store(ks_ptr + soff, k_scale, mask=hmask)
+        tl.store(vs_ptr + soff, v_scale, mask=hmask)
+    cty = kc_ptr.dtype.element_ty
+    tl.store(kdst, r1.to(cty), mask=mask)
+    tl.store(kdst + HALF, r2.to(cty), mask=mask)
+    tl.store(vdst, v1.to(cty), mask=mask)
+    tl.store(vdst + HALF, v2.to(cty), mask=mask)
+
+
+@register("rope_write_kv")
+def rope_write_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, k_scale=None,
+                  v_scale=None) -> torch.Tensor:
+    """``rotary_embedding`` then ``write_kv`` in one launch: returns the rotated ``q`` (new, contiguous);
+    the rotated ``k`` and ``v`` go only to the cache. Inputs may be strided views of a fused qkv."""
+    T, Hq, D = q.shape
+    Hk = k.shape[1]
+    assert cos_sin_cache.shape[-1] == D and D % 2 == 0 and (D // 2) & (D // 2 - 1) == 0
+    assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    q, k, v = _last_dim_contig(q), _last_dim_contig(k), _last_dim_contig(v)
+    cs = _last_dim_contig(cos_sin_cache)
+    qo = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
+    if T == 0:
+        return qo
+    ks, vs, stride_sb, stride_ss, quant, qmax, is_int = _scale_args(k_cache, k_scale, v_scale)
+    _rope_write_kv_kernel[(T,)](
+        positions, q, k, v, qo, k_cache, v_cache, slot_mapping, ks, vs, cs, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), v.stride(1), cs.stride(0), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), stride_sb, stride_ss,
+        HQ=Hq, HQ_PAD=_pow2(Hq), HK=Hk, HK_PAD=_pow2(Hk), HALF=D // 2, PAGE=k_cache.shape[1], QUANT=quant,
+        QMAX=qmax, IS_INT=is_int, ROUND_FP8=_INTERPRET and quant and not is_int,
+        num_warps=TACTICS["small_num_warps"])
+    return qo
