@@ -97,8 +97,9 @@ def act_values(v, out_ty, IS_FP8: tl.constexpr, ROUND_FP8: tl.constexpr):
         v = tl.minimum(tl.maximum(v, -448.0), 448.0)
         if ROUND_FP8:
             v = round_e4m3(v)
-        return v.to(out_ty)
-    return tl.minimum(tl.maximum(_round_half_even(v), -127.0), 127.0).to(tl.int8)
+    else:
+        v = tl.minimum(tl.maximum(_round_half_even(v), -127.0), 127.0)
+    return v.to(out_ty)  # one return: compiled Triton refuses branches returning different types
 
 
 @triton.jit

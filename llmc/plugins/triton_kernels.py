@@ -96,10 +96,11 @@ def _kv_values(y, IS_INT: tl.constexpr, ROUND_FP8: tl.constexpr):
     """Scaled K/V values as stored: int8 rounds half up, fp8 saturates at 448 (rounded first under the
     interpreter, whose fp32 -> e4m3 cast is faulty)."""
     if IS_INT:
-        return tl.minimum(tl.maximum(tl.floor(y + 0.5), -127.0), 127.0)
-    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-    if ROUND_FP8:
-        y = round_e4m3(y)
+        y = tl.minimum(tl.maximum(tl.floor(y + 0.5), -127.0), 127.0)
+    else:
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        if ROUND_FP8:
+            y = round_e4m3(y)
     return y
 
 
