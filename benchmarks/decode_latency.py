@@ -128,6 +128,8 @@ def main() -> None:
     ap.add_argument("--no-async-scheduling", action="store_true", help="synchronous steps (no pipelining)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.45)
     ap.add_argument("--profile", action="store_true", help="add the top CUDA kernels of 20 decode steps")
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "int8"], default=None,
+                    help="override the engine's KV cache format")
     ap.add_argument("--no-fuse", action="append", default=[], choices=sorted(ops.FUSIONS),
                     help="run this fusion's ops unfused (repeatable): before/after figures in one process")
     a = ap.parse_args()
@@ -137,7 +139,7 @@ def main() -> None:
     t0 = time.perf_counter()
     eng = LLMEngine(a.engine, device="cuda", gpu_memory_utilization=a.gpu_memory_utilization,
                     max_batch_size=max(a.batch, 1), show_progress=False,
-                    async_scheduling=False if a.no_async_scheduling else None)
+                    async_scheduling=False if a.no_async_scheduling else None, kv_cache_dtype=a.kv_cache_dtype)
     if a.no_cuda_graphs:
         eng.runner.graphs = None
     startup = time.perf_counter() - t0

@@ -7,8 +7,9 @@
 #      unless NOTUNE= (empty), which builds tuned and prints what the tuner timed.
 #   3. decode ms/token (DL_SET names, below): batch 1 and 64, pipelined or synchronous, fused or unfused ops,
 #      with the device-busy time per step (torch profiler) so host gaps show; HF transformers eager at batch 1.
-#   4. `llmc bench throughput` (TP_SET entries ENGINE@BATCH[:INxOUT[:N]], e.g. fp8@64 or
-#      fp8kv@256:2048x2048:128; default 128x128 and 512 requests); HF generate_batch (HF_SET entries INxOUT:N).
+#   4. `llmc bench throughput` (TP_SET entries ENGINE[+kvfp8]@BATCH[:INxOUT[:N]], e.g. fp8@64 or
+#      fp8+kvfp8@256:2048x2048:128 (+kvfp8: --kv-cache-dtype fp8 at load); default 128x128 and 512 requests);
+#      HF generate_batch (HF_SET entries INxOUT:N).
 # Subsets: TESTS=0 DECODE=0 THROUGHPUT=0 HF_TP=0 skip parts.
 # Everything lands in $OUT/results.tar.gz plus $OUT/summary.txt (the device tool returns at most 8 files).
 set -u
@@ -22,6 +23,11 @@ el() { save; echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/summary.txt"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$R/gpu.txt"
 python3 -c "import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__)" | tee -a "$R/gpu.txt"
 
+if [ "${BITS:-0}" = 1 ]; then
+  timeout 120 python3 benchmarks/fusion_bits.py > "$R/fusion_bits.json" 2>> "$R/err.log"
+  python3 -c "import json; [print(c['op'], c['width'], c['method'], {k: v for k, v in c.items() if k.startswith('vs')})
+for c in json.load(open('$R/fusion_bits.json'))['cases']]" | tee -a "$OUT/summary.txt"; el "fusion bits"
+fi
 if [ "${TESTS:-1}" = 1 ]; then
   # shellcheck disable=SC2086
   timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider ${GPU_MARK--m gpu} ${GPU_TESTS:-tests/test_pipeline.py tests/test_gpu.py} 2>&1 \
@@ -82,6 +88,8 @@ declare -A DLARGS=(
   [fp8_b64]="/tmp/en-fp8 --batch 64 --steps 64 --profile"
   [fp8_b64_unfused]="/tmp/en-fp8 --batch 64 --steps 64 --profile --no-fuse rope_write_kv --no-fuse act_quant"
   [fp8kv_b64]="/tmp/en-fp8kv --batch 64 --steps 64 --profile"
+  [fp8_kvfp8_b64]="/tmp/en-fp8 --batch 64 --steps 64 --profile --kv-cache-dtype fp8"
+  [fp8_kvfp8_b1]="/tmp/en-fp8 --batch 1 --steps 128 --profile --kv-cache-dtype fp8"
   [fp8kv_b1]="/tmp/en-fp8kv --batch 1 --steps 128 --profile"
   [int8_b1]="/tmp/en-int8 --batch 1 --steps 128 --profile"
   [int4_b1]="/tmp/en-int4 --batch 1 --steps 128 --profile")
@@ -95,11 +103,12 @@ fi
 tp() {  # tp ENGINE@BATCH[:INxOUT[:N]] [extra llmc bench flags]
   spec=$1; shift
   eng=${spec%%@*}; rest=${spec#*@}; batch=${rest%%:*}
+  kvflag=""; case $eng in *+kvfp8) eng=${eng%+kvfp8}; kvflag="--kv-cache-dtype fp8" ;; esac
   lens=128x128; n=${N:-512}
   case $rest in *:*) lens=${rest#*:}; case $lens in *:*) n=${lens#*:}; lens=${lens%%:*} ;; esac ;; esac
-  name="${eng}_b${batch}_${lens}${1:+_sync}"
+  name="${eng}${kvflag:+_kvfp8}_b${batch}_${lens}${1:+_sync}"
   timeout "${TP_TIMEOUT:-200}" python3 -m llmc.cli bench throughput "/tmp/en-$eng" -n "$n" --input-len "${lens%x*}" \
-    --output-len "${lens#*x}" --device cuda --gpu-memory-utilization 0.9 --max-batch-size "$batch" "$@" \
+    --output-len "${lens#*x}" --device cuda --gpu-memory-utilization 0.9 --max-batch-size "$batch" $kvflag "$@" \
     -o "$R/tp_$name.json" > /dev/null 2>> "$R/err.log"
   python3 - "$R/tp_$name.json" <<'PY' | tee -a "$OUT/summary.txt"
 import json, sys

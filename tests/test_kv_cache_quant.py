@@ -271,6 +271,40 @@ def test_tiny_engine_logits_close_and_greedy_equal(tiny_engines, kd):
     assert free_running == want_tokens[:6]
 
 
+def test_kv_cache_dtype_overridden_at_load(tiny_engines, tmp_path):
+    """``LLMEngine(kv_cache_dtype=...)`` and ``--kv-cache-dtype`` on serve/bench run an engine's weights with
+    another cache format: the same tokens as the engine built with that format; a bad value is refused."""
+    import json
+
+    from click.testing import CliRunner
+
+    from llmc.cli import main
+    from llmc.runtime.engine import LLMEngine
+
+    prompts = [[random.Random(i).randrange(3, 384) for _ in range(20 + 7 * i)] for i in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+    def tokens(llm):
+        outs = llm.generate(sampling_params=params, prompt_token_ids=prompts, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs]
+
+    over = LLM(tiny_engines["auto"], device="cpu", kv_cache_dtype="int8", show_progress=False)
+    assert over.engine.runner.kv_quantized and over.engine.runner.kv_dtype == torch.int8
+    built = LLM(tiny_engines["int8"], device="cpu", show_progress=False)
+    plain = LLM(tiny_engines["auto"], device="cpu", show_progress=False)
+    assert not plain.engine.runner.kv_quantized
+    assert tokens(over) == tokens(built)
+    assert len({len(t) for t in tokens(over)}) == 1 and len(tokens(over)[0]) == 12
+    with pytest.raises(ConfigError, match="kv-cache-dtype"):
+        LLMEngine(tiny_engines["auto"], device="cpu", kv_cache_dtype="fp4", show_progress=False)
+    out = tmp_path / "tp.json"
+    res = CliRunner().invoke(main, ["bench", "throughput", str(tiny_engines["auto"]), "-n", "3", "--input-len", "9",
+                                    "--output-len", "4", "--device", "cpu", "--kv-cache-dtype", "int8",
+                                    "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["engine"]["kv_cache_dtype"] == "int8"
+
+
 def test_tiny_engine_generate_with_cow_n_samples(tiny_engines):
     """n > 1 forks share the prompt's last partial block and copy it on write: the copy must carry the
     scales, or the forks would attend over zeros and diverge from the single sample."""

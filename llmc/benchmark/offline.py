@@ -30,12 +30,13 @@ class EngineOptions:
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
     async_scheduling: bool | None = None  # None: the engine's default (on for one GPU)
+    kv_cache_dtype: str | None = None  # None: the engine's
 
     def kwargs(self) -> dict:
         return {"device": self.device, "dtype": self.dtype, "max_batch_size": self.max_batch_size,
                 "gpu_memory_utilization": self.gpu_memory_utilization, "num_kv_blocks": self.num_kv_blocks,
                 "enable_prefix_caching": self.enable_prefix_caching, "show_progress": False,
-                "async_scheduling": self.async_scheduling}
+                "async_scheduling": self.async_scheduling, "kv_cache_dtype": self.kv_cache_dtype}
 
 
 @dataclass

@@ -15,6 +15,8 @@ speculative decoding make the engine drain the pipeline and run steps synchronou
 """
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -119,11 +121,18 @@ class LLMEngine:
                  max_batch_size: int | None = None, max_num_tokens: int | None = None,
                  gpu_memory_utilization: float = 0.9, kv_cache_bytes: int | None = None,
                  show_progress: bool = True, cuda_graph_batch_sizes: list[int] | None = None,
-                 speculative: "SpecConfig | None" = None, async_scheduling: bool | None = None):
+                 speculative: "SpecConfig | None" = None, async_scheduling: bool | None = None,
+                 kv_cache_dtype: str | None = None):
         """``async_scheduling``: pipeline steps (module docstring); default on for one GPU, off on the CPU
-        (nothing to overlap there) and under tensor parallelism."""
+        (nothing to overlap there) and under tensor parallelism. ``kv_cache_dtype`` (auto / fp8 / int8)
+        overrides the engine's: the cache's format is a memory choice, not part of the weights."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.engine = load_engine(engine_dir, device)
+        if kv_cache_dtype is not None and kv_cache_dtype != self.engine.build.kv_cache_dtype:
+            if self.engine.build.tp_size > 1:
+                raise ConfigError("--kv-cache-dtype cannot be overridden for a tensor-parallel engine yet; rebuild "
+                                  "it with `llmc build ... --kv-cache-dtype " + kv_cache_dtype + "`")
+            self.engine.build = dataclasses.replace(self.engine.build, kv_cache_dtype=kv_cache_dtype)
         b = self.engine.build
         self.max_seq_len = b.max_seq_len
         self.max_batch_size = min(max_batch_size or b.max_batch_size, b.max_batch_size)

@@ -77,12 +77,14 @@ def parse_size(text: str | None) -> int | None:
 @click.option("--num-speculative-tokens", type=int, default=4, show_default=True)
 @click.option("--async-scheduling/--no-async-scheduling", default=None,
               help="Pipeline steps: schedule step N+1 while the GPU runs step N (default: on for one GPU).")
+@click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8", "int8"]), default=None,
+              help="Override the engine's KV cache format (default: as built).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @user_errors
 def serve(engine, host, port, api_key, served_model_name, max_queued_requests, device, num_kv_blocks,
           kv_cache_memory, gpu_memory_utilization, grace_period, max_body_bytes, speculative, draft_engine,
-          num_speculative_tokens, async_scheduling, log_level):
+          num_speculative_tokens, async_scheduling, kv_cache_dtype, log_level):
     """Serve ENGINE (default: the bundled SmolLM2-135M) with an OpenAI-compatible API."""
     import uvicorn
 
@@ -103,7 +105,7 @@ def serve(engine, host, port, api_key, served_model_name, max_queued_requests, d
     core = LLMEngine(engine, device=device, num_kv_blocks=num_kv_blocks, kv_cache_bytes=kv_bytes,
                      gpu_memory_utilization=gpu_memory_utilization,
                      speculative=spec_config(speculative, draft_engine, num_speculative_tokens),
-                     async_scheduling=async_scheduling)
+                     async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype)
     async_engine = AsyncLLMEngine(core, max_queued_requests)
     app = build_app(async_engine, name, api_key, max_body_bytes, grace_period)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
