@@ -9,11 +9,8 @@ host tensors at all and can be captured in a CUDA graph.
   kernel (CUDA-graph padding), never filtered on the host. A quantized cache (fp8 e4m3 / int8, with scale
   pools: ``kv_layout.py``) is quantized here, one scale per (token, KV head), exactly as
   ``reference.quantize_kv``; the attention kernels dequantize on read by folding the K scale into the
-  scores and the V scale into the probabilities, so K/V tiles go to the dot unscaled. Those dots run in
-  fp16 whatever the model dtype: fp8 and int8 values are exact there and convert to it in one instruction
-  (to bf16 they take several, which made fp8-cache decode 1.6x slower than bf16's on the H200); q enters
-  pre-multiplied by the softmax scale, and the probabilities by V scale / the tile's largest V scale, so
-  neither leaves fp16's range.
+  scores and the V scale into the probabilities, so K/V tiles go to the dot unscaled (fp8 and int8 values
+  are exact in bf16/fp16).
 - ``paged_attention``:
   * decode rows (one query token): flash-decoding. One program per (sequence, KV head, split) serves the
     whole query group of that KV head, so K/V is read once per group (GQA), walks its share of the context
@@ -201,7 +198,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_pt
                    SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr):
     """One (sequence, KV head, split): the query group of that KV head against one slice of the context.
     Scores live in the log2 domain (``qk_scale`` includes log2(e)) so the softmax uses exp2. ``QUANT``:
-    K/V are fp8/int8 with per-(token, head) scales at ``ks_ptr``/``vs_ptr``; the dots run in fp16."""
+    K/V are fp8/int8 with per-(token, head) scales at ``ks_ptr``/``vs_ptr``; the dots run in q's dtype."""
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -225,10 +222,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_pt
                 mask=gmask[:, None], other=0.0)
     if IEEE:
         q = q.to(tl.float32)
-    elif QUANT:  # fp8/int8 K/V convert to fp16 natively (to bf16 they would not): fp16 dots, q pre-scaled
-        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
-        qk_scale = qk_scale * 0.0 + 1.0
-    else:
+    elif not QUANT:
         q = q.to(kc_ptr.dtype.element_ty)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -246,8 +240,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_pt
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         elif QUANT:
-            k = k.to(tl.float16)
-            v = v.to(tl.float16)
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         if QUANT:
             soff = blk * stride_sb + (offs_n % PAGE) * stride_ss + kvh
             k_sc = tl.load(ks_ptr + soff, mask=nmask, other=0.0)
@@ -266,9 +260,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_pt
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if QUANT:  # sum_n p_n (v_n * s_n) = c * sum_n (p_n s_n / c) v_n, c = the tile's largest V scale
-            c = tl.maximum(tl.max(v_sc, axis=0), 1e-30)  # keeps p * s / c in [0, 1]: no fp16 underflow
-            p = p * (v_sc / c)[None, :]
+        if QUANT:
+            p = p * v_sc[None, :]  # sum_n p_n (v_n * s_n) = sum_n (p_n s_n) v_n
         if USE_DOT:
             if IEEE:
                 pv = tl.dot(p, v, input_precision="ieee")
@@ -276,8 +269,6 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_pt
                 pv = tl.dot(p.to(v.dtype), v)
         else:
             pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-        if QUANT:
-            pv = pv * c
         acc = acc * alpha[:, None] + pv
         m_i = m_new
     smask = gmask & valid
@@ -353,7 +344,7 @@ def _compute_mode(q: torch.Tensor, cache: torch.Tensor) -> bool:
 
 
 def _tile_esize(q: torch.Tensor, k_cache: torch.Tensor, ieee: bool) -> int:
-    """Bytes per element of the K/V tiles the dots read (a quantized cache is converted to fp16)."""
+    """Bytes per element of the K/V tiles the dots read (a quantized cache is converted to q's dtype)."""
     if ieee:
         return 4
     return q.element_size() if k_cache.element_size() == 1 else k_cache.element_size()
@@ -425,8 +416,8 @@ def _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, 
             k_sc = tl.load(ks_ptr + soff)
             v_sc = tl.load(vs_ptr + soff)
         if not IEEE:
-            k = k.to(tl.float16)
-            v = v.to(tl.float16)
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
     if IEEE:
         qk = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
@@ -447,15 +438,11 @@ def _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, 
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if QUANT:
-        c = tl.maximum(tl.max(v_sc, axis=0), 1e-30)  # as in ``_decode_kernel``
-        p = p * (v_sc / c)[None, :]
+        p = p * v_sc[None, :]
     if IEEE:
-        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
     else:
-        pv = tl.dot(p.to(v.dtype), v)
-    if QUANT:
-        pv = pv * c
-    acc = acc * alpha[:, None] + pv
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
 
 
@@ -499,10 +486,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seqlen_ptr, qsl_ptr,
                 mask=rmask[:, None], other=0.0)
     if IEEE:
         q = q.to(tl.float32)
-    elif QUANT:  # as in ``_decode_kernel``: fp16 dots on natively converted K/V, q pre-scaled
-        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
-        qk_scale = qk_scale * 0.0 + 1.0
-    else:
+    elif not QUANT:
         q = q.to(kc_ptr.dtype.element_ty)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
