@@ -10,7 +10,7 @@
 #   4. `llmc bench throughput` (TP_SET entries ENGINE[+kvfp8]@BATCH[:INxOUT[:N]], e.g. fp8@64 or
 #      fp8+kvfp8@256:2048x2048:128 (+kvfp8: --kv-cache-dtype fp8 at load); default 128x128 and 512 requests);
 #      HF generate_batch (HF_SET entries INxOUT:N).
-# Subsets: TESTS=0 DECODE=0 THROUGHPUT=0 HF_TP=0 skip parts.
+# Subsets: TESTS=0 DECODE=0 THROUGHPUT=0 HF_TP=0 skip parts; ORDER="throughput decode" runs throughput first.
 # Everything lands in $OUT/results.tar.gz plus $OUT/summary.txt (the device tool returns at most 8 files).
 set -u
 OUT=${OUT:-/tmp/llmc-out}
@@ -93,13 +93,6 @@ declare -A DLARGS=(
   [fp8kv_b1]="/tmp/en-fp8kv --batch 1 --steps 128 --profile"
   [int8_b1]="/tmp/en-int8 --batch 1 --steps 128 --profile"
   [int4_b1]="/tmp/en-int4 --batch 1 --steps 128 --profile")
-if [ "${DECODE:-1}" = 1 ]; then
-  for name in ${DL_SET:-bf16_b1 bf16_b1_sync bf16_b64 bf16_b64_sync fp8_b1 fp8_b64}; do
-    # shellcheck disable=SC2086
-    dl "$name" ${DLARGS[$name]}
-  done
-  el "decode"
-fi
 tp() {  # tp ENGINE@BATCH[:INxOUT[:N]] [extra llmc bench flags]
   spec=$1; shift
   eng=${spec%%@*}; rest=${spec#*@}; batch=${rest%%:*}
@@ -125,7 +118,16 @@ print(f'{sys.argv[1].split("/")[-1]}: {e["quantization"]} kv={e.get("kv_cache_dt
 PY
   save
 }
-if [ "${THROUGHPUT:-1}" = 1 ]; then
+run_decode() {
+  [ "${DECODE:-1}" = 1 ] || return 0
+  for name in ${DL_SET:-bf16_b1 bf16_b1_sync bf16_b64 bf16_b64_sync fp8_b1 fp8_b64}; do
+    # shellcheck disable=SC2086
+    dl "$name" ${DLARGS[$name]}
+  done
+  el "decode"
+}
+run_throughput() {
+  [ "${THROUGHPUT:-1}" = 1 ] || return 0
   for spec in ${TP_SET:-fp8@64 none@64}; do
     case $spec in
       *_sync) tp "${spec%_sync}" --no-async-scheduling ;;
@@ -133,7 +135,8 @@ if [ "${THROUGHPUT:-1}" = 1 ]; then
     esac
   done
   el "throughput"
-fi
+}
+for part in ${ORDER:-decode throughput}; do "run_$part"; done
 if [ "${HF_TP:-1}" = 1 ]; then
   for spec in ${HF_SET:-128x128:64}; do
     lens=${spec%%:*}; n=${spec#*:}
