@@ -737,15 +737,22 @@ def _rope_heads(x_ptr, o_ptr, t, cos, sin, stride_xt, stride_xh, H: tl.constexpr
 
 
 @triton.jit
+def _cos_sin(pos_ptr, cs_ptr, t, stride_cs, HALF: tl.constexpr):
+    """Token ``t``'s cos and sin rows (fp32, ``HALF`` each) from the ``[max_pos, 2 * HALF]`` cache."""
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs_d = tl.arange(0, HALF)
+    cos = tl.load(cs_ptr + pos * stride_cs + offs_d).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * stride_cs + HALF + offs_d).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
 def _rope_kernel(pos_ptr, q_ptr, k_ptr, qo_ptr, ko_ptr, cs_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
                  stride_cs, HQ: tl.constexpr, HQ_PAD: tl.constexpr, HK: tl.constexpr, HK_PAD: tl.constexpr,
                  HALF: tl.constexpr):
     """One token: rotate all its query and key heads with one read of its cos/sin row."""
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    offs_d = tl.arange(0, HALF)
-    cos = tl.load(cs_ptr + pos * stride_cs + offs_d).to(tl.float32)
-    sin = tl.load(cs_ptr + pos * stride_cs + HALF + offs_d).to(tl.float32)
+    cos, sin = _cos_sin(pos_ptr, cs_ptr, t, stride_cs, HALF)
     _rope_heads(q_ptr, qo_ptr, t, cos, sin, stride_qt, stride_qh, HQ, HQ_PAD, HALF)
     _rope_heads(k_ptr, ko_ptr, t, cos, sin, stride_kt, stride_kh, HK, HK_PAD, HALF)
 
@@ -778,12 +785,10 @@ def _rope_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, 
     value heads straight into their cache slot (quantized per (token, head) for an fp8/int8 cache). The
     rotated key is rounded to the activation dtype first, as ``rotary_embedding`` then ``write_kv`` do."""
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    offs_d = tl.arange(0, HALF)
-    cos = tl.load(cs_ptr + pos * stride_cs + offs_d).to(tl.float32)
-    sin = tl.load(cs_ptr + pos * stride_cs + HALF + offs_d).to(tl.float32)
+    cos, sin = _cos_sin(pos_ptr, cs_ptr, t, stride_cs, HALF)
     _rope_heads(q_ptr, qo_ptr, t, cos, sin, stride_qt, stride_qh, HQ, HQ_PAD, HALF)
 
+    offs_d = tl.arange(0, HALF)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     blk, row = slot // PAGE, slot % PAGE
     offs_h = tl.arange(0, HK_PAD)
