@@ -59,7 +59,8 @@ def convert(model, output, dtype, allow_pickle, quant, group_size, calib_data, c
 @main.command()
 @click.argument("checkpoint", type=click.Path())
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Engine directory.")
-@click.option("--max-batch-size", type=int, default=64, show_default=True)
+@click.option("--max-batch-size", type=int, default=256, show_default=True,
+              help="Most sequences decoding at once (a CUDA graph is captured per bucket up to it).")
 @click.option("--max-seq-len", type=int, default=None, help="Default: min(4096, the model's context).")
 @click.option("--max-num-tokens", type=int, default=2048, show_default=True, help="Token budget of one step.")
 @click.option("--block-size", type=int, default=16, show_default=True, help="KV cache block size (tokens).")

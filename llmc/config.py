@@ -189,7 +189,8 @@ class QuantConfig:
 class BuildConfig:
     """The limits and cache layout an engine is built for; the runtime never exceeds them."""
 
-    max_batch_size: int = 64
+    # 256 as vLLM's max_num_seqs: on the H200, 7B fp8 at 128/128 gives 13.5k output tok/s at 256 vs 8.4k at 64
+    max_batch_size: int = 256
     max_seq_len: int = 4096
     max_num_tokens: int = 2048  # token budget of one forward (prefill chunk + decodes)
     kv_cache_dtype: str = "auto"
