@@ -222,6 +222,56 @@ def test_api_key_and_queue_limit(smol_engine):
         assert stop_server(proc) == 0
 
 
+def test_pipelined_server_matches_synchronous(client, smol_engine):
+    """``serve --async-scheduling`` (the GPU default; the CPU default is synchronous, so the other tests here
+    run synchronous steps): outputs lag the GPU by a step and a stopped sequence computes one dropped token,
+    yet greedy texts, stop strings, finish reasons and usage equal the synchronous server's; concurrent
+    streams with mid-stream disconnects leave no request running and no KV block held."""
+    prompts = ["The capital of France is", "Count: 1, 2, 3,", "Name three colours:"]
+    kw = dict(model=MODEL, max_tokens=14, temperature=0)
+    want = [client.completions.create(prompt=p, **kw) for p in prompts]
+    want_stop = client.completions.create(prompt="Count: 1, 2, 3,", stop=[" 5"], **kw)
+    proc, base = start_server(smol_engine, "--async-scheduling")
+    try:
+        pc = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        for p, w in zip(prompts, want):
+            got = pc.completions.create(prompt=p, **kw)
+            assert got.choices[0].text == w.choices[0].text
+            assert got.choices[0].finish_reason == w.choices[0].finish_reason
+            assert got.usage.completion_tokens == w.usage.completion_tokens
+            streamed = "".join(c.choices[0].text for c in pc.completions.create(prompt=p, stream=True, **kw)
+                               if c.choices)
+            assert streamed == w.choices[0].text
+        got = pc.completions.create(prompt="Count: 1, 2, 3,", stop=[" 5"], **kw)
+        assert got.choices[0].text == want_stop.choices[0].text and got.choices[0].finish_reason == "stop"
+
+        def stream(i):
+            return "".join(c.choices[0].text for c in pc.completions.create(
+                prompt=f"Write the number {i} in words:", stream=True, **kw) if c.choices)
+
+        def disconnect(i):
+            with httpx.stream("POST", base + "/v1/completions", json={
+                    "model": MODEL, "prompt": f"Tell a long story {i}", "max_tokens": 200, "stream": True,
+                    "ignore_eos": True}, timeout=60) as r:
+                for n, _ in enumerate(r.iter_lines()):
+                    if n > 3:
+                        return True
+
+        with cf.ThreadPoolExecutor(24) as ex:
+            texts = [ex.submit(stream, i) for i in range(16)]
+            drops = [ex.submit(disconnect, i) for i in range(4)]
+            assert all(t.result() for t in texts) and all(d.result() for d in drops)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            m = metrics(base)
+            if m["llmc:num_requests_running"] == 0 and m["llmc:kv_cache_blocks_used"] == 0:
+                break
+            time.sleep(0.2)
+        assert m["llmc:num_requests_running"] == 0 and m["llmc:kv_cache_blocks_used"] == 0
+    finally:
+        assert stop_server(proc) == 0
+
+
 def test_tokenize_roundtrip(server):
     ids = httpx.post(server + "/tokenize", json={"prompt": "Hello world"}).json()["tokens"]
     assert httpx.post(server + "/detokenize", json={"tokens": ids}).json()["prompt"] == "Hello world"
