@@ -74,6 +74,20 @@ def test_tune_covers_attention_and_quantized_gemm_families():
     json.dumps(res)  # storable in engine.json
 
 
+@pytest.mark.parametrize("kv", ["int8", "fp8"])
+def test_quantized_cache_also_times_the_cuda_core_decode(kv):
+    """A 1-byte KV cache adds the CUDA-core decode path (``decode_use_dot`` 0) to the decode family; it
+    computes what the dot path does, so it passes the tuner's output check and can win."""
+    fam = tuning._attention_families(TINY, BuildConfig(**{**SMALL.__dict__, "kv_cache_dtype": kv}), DEV,
+                                     torch.float32)[0]
+    assert fam.keys[-1] == "decode_use_dot" and {c[-1] for c in fam.candidates} == {0, 1}
+    assert tuning._attention_families(TINY, SMALL, DEV, torch.float32)[0].keys[-1] == "decode_num_stages"
+    fam.candidates = [(64, 4, 2, 1), (64, 4, 2, 0)]
+    res = tuning.tune_family(fam, fake_timer_preferring("decode_use_dot", 0), tol=1e-3)
+    assert all("error" not in c for c in res["candidates"]), res["candidates"]
+    assert res["winner"]["decode_use_dot"] == 0
+
+
 def test_fp8_tunes_the_library_crossover_with_earlier_winners_applied():
     """fp8 engines also time from how many rows cuBLASLt's FP8 GEMM beats the decode tiling (batched decode);
     that family runs with the decode-rows winner in place, and every table is restored afterwards."""

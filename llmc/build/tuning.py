@@ -80,9 +80,14 @@ def _attention_families(model: ModelConfig, build: BuildConfig, device: str, dty
     decode_cases = [batch([1] * b, [ctx] * b), batch([1], [min(build.max_seq_len, 8192)])]
     n = max(4, min(build.max_num_tokens, 4096) // 4)
     prefill_cases = [batch([n] * 4, [n] * 4)]
+    decode_keys = ("decode_block_n", "decode_num_warps", "decode_num_stages")
+    decode_grid = list(itertools.product((32, 64, 128), (4, 8), (2, 3)))
+    if kv_quant is not None:  # 1-byte K/V converted before a dot measured 1.5x slower than bf16 K/V (H200,
+        # BENCHMARKS.md): also time the CUDA-core path, which needs no MMA-shaped tiles for small query groups
+        decode_keys += ("decode_use_dot",)
+        decode_grid = [c + (dot,) for c in decode_grid for dot in (1, 0)]
     return [
-        Family("attention decode", "triton_kernels", ("decode_block_n", "decode_num_warps", "decode_num_stages"),
-               list(itertools.product((32, 64, 128), (4, 8), (2, 3))), decode_cases),
+        Family("attention decode", "triton_kernels", decode_keys, decode_grid, decode_cases),
         Family("attention prefill", "triton_kernels",
                ("prefill_block_m", "prefill_block_n", "prefill_num_warps", "prefill_num_stages"),
                [(m, nn, w, s) for m, nn in ((64, 64), (128, 64), (64, 128), (128, 32)) for w in (4, 8)
