@@ -75,6 +75,28 @@ def metrics(base: str) -> dict[str, float]:
     return out
 
 
+def disconnect_mid_stream(base: str, i: int) -> bool:
+    """Start a long stream and drop the connection after a few chunks (the server must abort and free it)."""
+    with httpx.stream("POST", base + "/v1/completions", json={
+            "model": MODEL, "prompt": f"Tell a long story {i}", "max_tokens": 200, "stream": True,
+            "ignore_eos": True}, timeout=60) as r:
+        for n, _ in enumerate(r.iter_lines()):
+            if n > 3:
+                return True
+    return False
+
+
+def wait_idle(base: str, seconds: float = 30) -> dict[str, float]:
+    """The server's metrics once no request runs and no KV block is held (or after ``seconds``)."""
+    deadline = time.time() + seconds
+    while True:
+        m = metrics(base)
+        idle = m["llmc:num_requests_running"] == 0 and m["llmc:kv_cache_blocks_used"] == 0
+        if idle or time.time() > deadline:
+            return m
+        time.sleep(0.2)
+
+
 def test_models(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
 
@@ -149,27 +171,14 @@ def test_concurrent_streams_and_disconnects(client, server):
         return "".join(c.choices[0].text for c in client.completions.create(
             model=MODEL, prompt=p, max_tokens=10, temperature=0, stream=True) if c.choices)
 
-    def disconnect(i):
-        with httpx.stream("POST", server + "/v1/completions", json={
-                "model": MODEL, "prompt": f"Tell a long story {i}", "max_tokens": 200, "stream": True,
-                "ignore_eos": True}, timeout=60) as r:
-            for n, _ in enumerate(r.iter_lines()):
-                if n > 3:
-                    return True
-
     with cf.ThreadPoolExecutor(40) as ex:
         futs = [ex.submit(stream, p) for p in prompts]
-        drops = [ex.submit(disconnect, i) for i in range(6)]
+        drops = [ex.submit(disconnect_mid_stream, server, i) for i in range(6)]
         got = [f.result() for f in futs]
         assert all(d.result() for d in drops)
     assert got[:6] == want
     assert all(got)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        m = metrics(server)
-        if m["llmc:num_requests_running"] == 0 and m["llmc:kv_cache_blocks_used"] == 0:
-            break
-        time.sleep(0.2)
+    m = wait_idle(server)
     assert m["llmc:num_requests_running"] == 0
     assert m["llmc:kv_cache_blocks_used"] == 0
     assert m["llmc:generation_tokens_total"] > 0
@@ -249,24 +258,11 @@ def test_pipelined_server_matches_synchronous(client, smol_engine):
             return "".join(c.choices[0].text for c in pc.completions.create(
                 prompt=f"Write the number {i} in words:", stream=True, **kw) if c.choices)
 
-        def disconnect(i):
-            with httpx.stream("POST", base + "/v1/completions", json={
-                    "model": MODEL, "prompt": f"Tell a long story {i}", "max_tokens": 200, "stream": True,
-                    "ignore_eos": True}, timeout=60) as r:
-                for n, _ in enumerate(r.iter_lines()):
-                    if n > 3:
-                        return True
-
         with cf.ThreadPoolExecutor(24) as ex:
             texts = [ex.submit(stream, i) for i in range(16)]
-            drops = [ex.submit(disconnect, i) for i in range(4)]
+            drops = [ex.submit(disconnect_mid_stream, base, i) for i in range(4)]
             assert all(t.result() for t in texts) and all(d.result() for d in drops)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            m = metrics(base)
-            if m["llmc:num_requests_running"] == 0 and m["llmc:kv_cache_blocks_used"] == 0:
-                break
-            time.sleep(0.2)
+        m = wait_idle(base)
         assert m["llmc:num_requests_running"] == 0 and m["llmc:kv_cache_blocks_used"] == 0
     finally:
         assert stop_server(proc) == 0

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmc.config import QuantConfig
-from llmc.plugins.act_quant import QUANTIZED_INPUT_METHODS, QuantizedRows, dequantize_rows
+from llmc.plugins.act_quant import QUANTIZED_INPUT_METHODS, QuantizedRows, check_quantized_input, dequantize_rows
 
 # Per-input-channel tensors: identical across a fused group; the builder keeps one copy (it checks).
 SHARED_INPUT_TENSORS = ("input_scale",)
@@ -221,8 +221,7 @@ class QuantLinear(nn.Module):
         if (x.q if pre else x).is_cuda:
             return self._forward_cuda(x)
         if pre:
-            if self.method not in QUANTIZED_INPUT_METHODS:
-                raise ValueError(f"{self.method} linears take float activations, not pre-quantized rows")
+            check_quantized_input(self.method)
             shape, out_dtype = x.q.shape, x.dtype
             y = (int8_gemm(x.q, x.scale[:, None], self.qweight, self.scales) if self.method == "w8a8"
                  else F.linear(dequantize_rows(x), self.dequantized_weight()))

@@ -24,12 +24,26 @@ class QuantizedRows(NamedTuple):
     dtype: torch.dtype
 
 
+def check_quantized_input(method: str) -> None:
+    """Refuse quantized rows for a method whose linear reads float activations (weight-only int8/int4)."""
+    if method not in QUANTIZED_INPUT_METHODS:
+        raise ValueError(f"{method!r} linears take float activations; only {QUANTIZED_INPUT_METHODS} read "
+                         "per-token quantized rows")
+
+
+def empty_rows(rows: int, k: int, method: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised ``(q [rows, k], scale [rows])`` in ``method``'s storage (e4m3 for fp8, int8 for w8a8)."""
+    check_quantized_input(method)
+    dtype = torch.float8_e4m3fn if method == "fp8" else torch.int8
+    return (torch.empty((rows, k), dtype=dtype, device=device),
+            torch.empty((rows,), dtype=torch.float32, device=device))
+
+
 def quantize_rows(x: torch.Tensor, method: str, input_scale: torch.Tensor | None) -> QuantizedRows:
     """Reference per-token quantization of ``x [T, K]`` for a ``method`` linear (``quant_linear``'s math)."""
     from llmc.models.quant_linear import quantize_act_fp8_per_token, quantize_act_int8_per_token
 
-    if method not in QUANTIZED_INPUT_METHODS:
-        raise ValueError(f"{method!r} linears take float activations; only {QUANTIZED_INPUT_METHODS} quantize them")
+    check_quantized_input(method)
     xf = x.float()
     if input_scale is not None:
         xf = xf / input_scale

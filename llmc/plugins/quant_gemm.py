@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llmc.plugins.act_quant import QUANTIZED_INPUT_METHODS, QuantizedRows
+from llmc.plugins.act_quant import (QUANTIZED_INPUT_METHODS, QuantizedRows, check_quantized_input, empty_rows,
+                                    quantize_rows)
 from llmc.plugins.triton_compat import INTERPRET as _INTERPRET
 
 TACTICS: dict[str, int] = {
@@ -305,12 +306,9 @@ def quantize_activations(x: torch.Tensor, method: str, input_scale: torch.Tensor
     m, k = x.shape
     is_fp8 = method == "fp8"
     if is_fp8 and _INTERPRET:  # Triton 3.6's interpreter rounds fp32 -> e4m3 wrongly at binade edges
-        from llmc.models.quant_linear import quantize_act_fp8_per_token
-
-        q, s = quantize_act_fp8_per_token(x.float() / input_scale if input_scale is not None else x)
-        return q, s[:, 0]
-    q = torch.empty((m, k), dtype=torch.float8_e4m3fn if is_fp8 else torch.int8, device=x.device)
-    s = torch.empty((m,), dtype=torch.float32, device=x.device)
+        rows = quantize_rows(x, method, input_scale)
+        return rows.q, rows.scale
+    q, s = empty_rows(m, k, method, x.device)
     if m:
         _act_quant_kernel[(m,)](x, input_scale if input_scale is not None else s, q, s, k, x.stride(0), q.stride(0),
                                 IS_FP8=is_fp8, HAS_ISC=input_scale is not None,
@@ -417,8 +415,8 @@ def qgemm(x: torch.Tensor | QuantizedRows, method: str, qweight: torch.Tensor, s
     w_int4 = method in ("int4", "int4-awq")
     x_quant = method in QUANTIZED_INPUT_METHODS
     pre = isinstance(x, QuantizedRows)
-    if pre and not x_quant:
-        raise ValueError(f"{method} GEMMs take float activations, not pre-quantized rows")
+    if pre:
+        check_quantized_input(method)
     m, k = x.q.shape if pre else x.shape
     n = qweight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=qweight.device)

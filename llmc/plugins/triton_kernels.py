@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmc.plugins.act_quant import QUANTIZED_INPUT_METHODS, QuantizedRows
+from llmc.plugins.act_quant import QuantizedRows, empty_rows
 from llmc.plugins.kv_layout import KV_QMAX
 from llmc.plugins.metadata import AttentionMetadata
 from llmc.plugins.triton_compat import INTERPRET as _INTERPRET
@@ -587,13 +587,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, isc_ptr, s_ptr
 
 def _quant_out(rows: int, n: int, method: str | None, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(8-bit rows, fp32 scales) for a producer that quantizes for a ``method`` linear; (None, None) if not."""
-    if method is None:
-        return None, None
-    if method not in QUANTIZED_INPUT_METHODS:
-        raise ValueError(f"{method!r} linears take float activations; only {QUANTIZED_INPUT_METHODS} quantize them")
-    dtype = torch.float8_e4m3fn if method == "fp8" else torch.int8
-    return (torch.empty((rows, n), dtype=dtype, device=device),
-            torch.empty((rows,), dtype=torch.float32, device=device))
+    return (None, None) if method is None else empty_rows(rows, n, method, device)
 
 
 def _quant_flags(method: str | None, input_scale) -> dict:
