@@ -10,7 +10,10 @@
 #   4. `llmc bench throughput` (TP_SET entries ENGINE[+kvfp8]@BATCH[:INxOUT[:N]], e.g. fp8@64 or
 #      fp8+kvfp8@256:2048x2048:128 (+kvfp8: --kv-cache-dtype fp8 at load); default 128x128 and 512 requests);
 #      HF generate_batch (HF_SET entries INxOUT:N).
-# Subsets: TESTS=0 DECODE=0 THROUGHPUT=0 HF_TP=0 skip parts; ORDER="throughput decode" runs throughput first.
+#   5. attention kernels alone (KBENCH_SET: ';'-separated argument lists of benchmarks/kernels.py, e.g.
+#      "--quick --decode-only --sweep --kv-dtype fp8 --decode-shapes 64x256,256x256"), after the tests.
+# Subsets: TESTS=0 BUILD=0 DECODE=0 THROUGHPUT=0 HF_TP=0 skip parts; ORDER="throughput decode" runs throughput first;
+# XDIST=N runs the GPU tests in N pytest-xdist workers (Triton compiles are CPU-bound; the image has xdist).
 # Everything lands in $OUT/results.tar.gz plus $OUT/summary.txt (the device tool returns at most 8 files).
 set -u
 OUT=${OUT:-/tmp/llmc-out}
@@ -30,11 +33,38 @@ for c in json.load(open('$R/fusion_bits.json'))['cases']]" | tee -a "$OUT/summar
 fi
 if [ "${TESTS:-1}" = 1 ]; then
   # shellcheck disable=SC2086
-  timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider ${GPU_MARK--m gpu} ${GPU_TESTS:-tests/test_pipeline.py tests/test_gpu.py} 2>&1 \
+  timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider ${XDIST:+-n $XDIST} ${GPU_MARK--m gpu} \
+    ${GPU_TESTS:-tests/test_pipeline.py tests/test_gpu.py} 2>&1 \
     | tail -25 > "$R/gpu_tests.log"; tail -8 "$R/gpu_tests.log" | tee -a "$OUT/summary.txt"; el "gpu tests"
 fi
-[ -d /tmp/ck7b ] || python3 benchmarks/synthetic_ckpt.py llama-2-7b /tmp/ck7b > /dev/null 2>> "$R/err.log"
-el "checkpoint"
+i=0
+IFS=';' read -r -a KB <<< "${KBENCH_SET:-}"
+for kargs in "${KB[@]}"; do
+  i=$((i + 1))
+  # shellcheck disable=SC2086
+  timeout "${KBENCH_TIMEOUT:-240}" python3 benchmarks/kernels.py $kargs > "$R/kernels_$i.json" 2> "$R/kernels_$i.err"
+  python3 - "$R/kernels_$i.json" "$kargs" <<'PY' | tee -a "$OUT/summary.txt"
+import json, sys
+try:
+    d = json.load(open(sys.argv[1]))
+except Exception as e:
+    sys.exit(print("kernels", sys.argv[2], "no result", e))
+print("kernels", sys.argv[2], "| copy GB/s", round(d.get("copy", {}).get("GBps_read_plus_write", 0)))
+for k, v in d.items():
+    if k.startswith(("decode_", "prefill_")):
+        print(f"  {k}: " + " ".join(f"{a}={round(b, 4) if isinstance(b, float) else b}" for a, b in v.items()))
+for k, v in d.get("sweep", {}).items():
+    rows = sorted((r for r in v["variants"] if "ms" in r or "llmc_ms" in r), key=lambda r: r.get("ms", r.get("llmc_ms")))
+    print(f"  sweep {k}: best {v['best']} | " + " ".join(
+        f"{'/'.join(str(x) for x in list(r.values())[:-1])}={r.get('ms', r.get('llmc_ms')):.4f}" for r in rows[:12]))
+PY
+  el "kernels $i"
+done
+[ "${BUILD:-1}" = 1 ] || QUANTS=" "  # BUILD=0: no checkpoint, no engines (kernel benchmarks and tests only)
+if [ "${BUILD:-1}" = 1 ] && [ ! -d /tmp/ck7b ]; then
+  python3 benchmarks/synthetic_ckpt.py llama-2-7b /tmp/ck7b > /dev/null 2>> "$R/err.log"
+  el "checkpoint"
+fi
 for q in ${QUANTS:-none fp8}; do
   case $q in
     none) flags="" ;;

@@ -1,6 +1,6 @@
 """Attention kernel benchmarks on a CUDA GPU; prints one JSON object.
 
-    python3 benchmarks/kernels.py [--sweep] [--quick]
+    python3 benchmarks/kernels.py [--sweep] [--quick] [--kv-dtype fp8] [--decode-shapes 64x256,256x256] [--decode-only]
 
 - decode: paged decode attention, batch 64 x 4096-token contexts, Llama-2-7B shape (32 query heads,
   32 KV heads, head dim 128, bf16, KV page 16). Reported as achieved GB/s = K/V bytes read / time, next to a
@@ -9,6 +9,9 @@
   ``scaled_dot_product_attention`` on the same shapes in contiguous layout, same data (outputs compared).
 
 ``--sweep`` also times a small grid of ``llmc.plugins.triton_kernels.TACTICS`` variants and reports the best of each (what a build-time tuner would store).
+``--kv-dtype fp8|int8`` stores the decode K/V quantized (per-(token, head) scales, as ``--kv-cache-dtype``);
+GB/s then counts the 1-byte values plus the scales. ``--decode-shapes BxCTX,...`` adds decode cases (and sweeps
+each of them); ``--decode-only`` skips prefill.
 Each case is guarded: a failure is reported in the JSON instead of ending the run.
 """
 from __future__ import annotations
@@ -72,6 +75,9 @@ def paged_from_contiguous(ks: torch.Tensor, vs: torch.Tensor, q_lens: list[int])
 _DATA: dict = {}
 
 
+KV_DTYPE: torch.dtype | None = None  # --kv-dtype: quantized decode cache
+
+
 def _decode_data(batch: int, ctx: int):
     """Inputs (cached across calls, so a sweep times kernels, not data setup) and SDPA's answer."""
     key = ("decode", batch, ctx)
@@ -83,22 +89,38 @@ def _decode_data(batch: int, ctx: int):
         ks = torch.randn(batch, HKV, ctx, D, device="cuda", dtype=DTYPE)
         vs = torch.randn_like(ks)
         kc, vc, meta = paged_from_contiguous(ks, vs, [1] * batch)
+        scales: tuple = ()
+        if KV_DTYPE is not None:  # quantize the paged pools, and give SDPA the dequantized values
+            from llmc.plugins.reference import dequantize_kv, quantize_kv
+
+            (kc, k_sc), (vc, v_sc) = quantize_kv(kc, KV_DTYPE), quantize_kv(vc, KV_DTYPE)
+            scales = (k_sc, v_sc)
+            ks = _contiguous_from_paged(dequantize_kv(kc, k_sc).to(DTYPE), meta, batch, ctx)
+            vs = _contiguous_from_paged(dequantize_kv(vc, v_sc).to(DTYPE), meta, batch, ctx)
         # same math through SDPA: one query row per sequence sees its whole context (GQA: repeat K/V)
         rep = HQ // HKV
         ref = F.scaled_dot_product_attention(q.view(batch, HQ, 1, D), ks.repeat_interleave(rep, 1),
                                              vs.repeat_interleave(rep, 1), scale=D ** -0.5).view(batch, HQ, D)
-        _DATA[key] = (q, kc, vc, meta, ref)
+        _DATA[key] = (q, kc, vc, meta, ref, scales)
     return _DATA[key]
 
 
+def _contiguous_from_paged(cache: torch.Tensor, meta, batch: int, ctx: int) -> torch.Tensor:
+    """``[B, H, L, D]`` of each sequence's context read back through its block table."""
+    nper = -(-ctx // PAGE)
+    rows = cache[meta.block_tables[:, :nper].reshape(-1).long()]  # [B*nper, PAGE, H, D]
+    return rows.view(batch, nper * PAGE, HKV, D)[:, :ctx].transpose(1, 2).contiguous()
+
+
 def decode_case(impl, batch=64, ctx=4096) -> dict:
-    q, kc, vc, meta, ref = _decode_data(batch, ctx)
+    q, kc, vc, meta, ref, scales = _decode_data(batch, ctx)
     scale = D ** -0.5
-    out = impl.paged_attention(q, kc, vc, meta, scale)
+    out = impl.paged_attention(q, kc, vc, meta, scale, *scales)
     err = (out.float() - ref.float()).abs().max().item()
-    ms = bench_ms(lambda: impl.paged_attention(q, kc, vc, meta, scale), warmup=50, rep=300)
-    kv_bytes = 2 * batch * ctx * HKV * D * kc.element_size()
-    res = {"batch": batch, "ctx": ctx, "ms": ms, "GBps": kv_bytes / ms / 1e6, "max_abs_err_vs_sdpa": err}
+    ms = bench_ms(lambda: impl.paged_attention(q, kc, vc, meta, scale, *scales), warmup=50, rep=300)
+    kv_bytes = 2 * batch * ctx * HKV * (D * kc.element_size() + (4 if scales else 0))
+    res = {"batch": batch, "ctx": ctx, "kv_dtype": str(kc.dtype), "ms": ms, "GBps": kv_bytes / ms / 1e6,
+           "max_abs_err_vs_sdpa": err}
     if hasattr(impl, "decode_num_splits"):
         try:
             res["num_splits"] = impl.decode_num_splits(batch, HKV, ctx)
@@ -162,18 +184,18 @@ def guarded(fn, *a, **kw):
         return {"error": f"{type(e).__name__}: {e}"[:500]}
 
 
-def sweep(impl) -> dict:
-    """Time a small grid of TACTICS for decode and prefill; report each variant and the best."""
+def sweep(impl, decode_shapes: list[tuple[int, int]], prefill: bool = True) -> dict:
+    """Time a small grid of TACTICS for decode (each shape) and prefill; report each variant and the best."""
     base = dict(impl.TACTICS)
     out: dict = {}
-    grids = {
-        "decode": (lambda: decode_case(impl), "ms", dict(
-            decode_block_n=[32, 64, 128], decode_num_warps=[4, 8], decode_num_stages=[2, 3],
-            decode_use_dot=[0, 1])),
-        "prefill_8x2048": (lambda: prefill_case(impl, 8, 2048), "llmc_ms", dict(
+    decode_grid = dict(decode_block_n=[32, 64, 128], decode_num_warps=[4, 8], decode_num_stages=[1, 2, 3],
+                       decode_use_dot=[1, 0])
+    grids = {f"decode_b{b}_ctx{c}": (lambda b=b, c=c: decode_case(impl, b, c), "ms", decode_grid)
+             for b, c in decode_shapes}
+    if prefill:
+        grids["prefill_8x2048"] = (lambda: prefill_case(impl, 8, 2048), "llmc_ms", dict(
             prefill_block_m=[64, 128], prefill_block_n=[32, 64, 128], prefill_num_warps=[4, 8],
-            prefill_num_stages=[2, 3])),
-    }
+            prefill_num_stages=[2, 3]))
     for name, (run, key, grid) in grids.items():
         rows = []
         for values in itertools.product(*grid.values()):
@@ -194,7 +216,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sweep", action="store_true", help="also time TACTICS variants")
     ap.add_argument("--quick", action="store_true", help="decode and 8x2048 prefill only")
+    ap.add_argument("--kv-dtype", choices=["bf16", "fp8", "int8"], default="bf16",
+                    help="decode K/V storage (fp8/int8: per-(token, head) scales, as --kv-cache-dtype)")
+    ap.add_argument("--decode-shapes", default="", help="extra decode cases BATCHxCTX,... (swept too)")
+    ap.add_argument("--decode-only", action="store_true", help="no prefill cases")
     args = ap.parse_args()
+    global KV_DTYPE
+    KV_DTYPE = {"bf16": None, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[args.kv_dtype]
+    shapes_extra = [tuple(int(v) for v in s.split("x")) for s in args.decode_shapes.split(",") if s]
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA GPU: these benchmarks need one"}))
         return
@@ -203,7 +232,7 @@ def main() -> None:
     from llmc.plugins import triton_kernels as impl
     res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                  "impl": impl.__name__, "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "page": PAGE,
-                                                  "dtype": str(DTYPE)},
+                                                  "dtype": str(DTYPE), "kv_dtype": args.kv_dtype},
                  "tactics": dict(getattr(impl, "TACTICS", {}))}
     res["copy"] = guarded(copy_bandwidth)
     res["decode_b64_ctx4096"] = guarded(decode_case, impl)
@@ -212,11 +241,13 @@ def main() -> None:
             res["decode_b64_ctx4096"]["GBps"] / res["copy"]["GBps_read_plus_write"])
     if not args.quick:
         res["decode_b4_ctx16384"] = guarded(decode_case, impl, batch=4, ctx=16384)
-    shapes = [(8, 2048)] if args.quick else [(8, 2048), (1, 8192), (32, 512)]
+    for b, c in shapes_extra:
+        res[f"decode_b{b}_ctx{c}"] = guarded(decode_case, impl, batch=b, ctx=c)
+    shapes = [] if args.decode_only else [(8, 2048)] if args.quick else [(8, 2048), (1, 8192), (32, 512)]
     for n_seq, L in shapes:
         res[f"prefill_{n_seq}x{L}"] = guarded(prefill_case, impl, n_seq, L)
     if args.sweep and hasattr(impl, "TACTICS"):
-        res["sweep"] = sweep(impl)
+        res["sweep"] = sweep(impl, [(64, 4096)] + shapes_extra, prefill=not args.decode_only)
     print(json.dumps(res, indent=1))
 
 

@@ -126,7 +126,7 @@ def test_paged_attention_random_batches(seed, tactics):
         ctx.append(c)
     tactics(prefill_block_m=r.choice([16, 32, 64]), prefill_block_n=r.choice([16, 32, 64]),
             decode_block_n=r.choice([16, 32, 64]), decode_num_splits=r.choice([0, 1, 2, 5]),
-            decode_use_dot=r.choice([0, 1]))
+            decode_use_dot=r.choice([0, 1]), decode_num_stages=r.choice([1, 2, 3]))
     dtype = torch.float32 if seed % 2 == 0 else torch.float16
     q, kc, vc, meta = make_batch(q_lens, ctx, hkv * group, hkv, d, page, dtype, seed=seed)
     check_attention(tk.paged_attention, q, kc, vc, meta)

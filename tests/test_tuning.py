@@ -81,7 +81,9 @@ def test_quantized_cache_also_times_the_cuda_core_decode(kv):
     fam = tuning._attention_families(TINY, BuildConfig(**{**SMALL.__dict__, "kv_cache_dtype": kv}), DEV,
                                      torch.float32)[0]
     assert fam.keys[-1] == "decode_use_dot" and {c[-1] for c in fam.candidates} == {0, 1}
-    assert tuning._attention_families(TINY, SMALL, DEV, torch.float32)[0].keys[-1] == "decode_num_stages"
+    assert {c[2] for c in fam.candidates} == {1, 2, 3}  # unpipelined loads too
+    plain = tuning._attention_families(TINY, SMALL, DEV, torch.float32)[0]
+    assert plain.keys[-1] == "decode_num_stages" and len(plain.cases) == 3  # incl. a full batch of short contexts
     fam.candidates = [(64, 4, 2, 1), (64, 4, 2, 0)]
     res = tuning.tune_family(fam, fake_timer_preferring("decode_use_dot", 0), tol=1e-3)
     assert all("error" not in c for c in res["candidates"]), res["candidates"]

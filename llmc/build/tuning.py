@@ -77,11 +77,18 @@ def _attention_families(model: ModelConfig, build: BuildConfig, device: str, dty
 
     b = min(build.max_batch_size, 32)
     ctx = min(build.max_seq_len, 2048)
-    decode_cases = [batch([1] * b, [ctx] * b), batch([1], [min(build.max_seq_len, 8192)])]
+    # long contexts at a mid batch, one very long sequence (splits), and a full batch of short contexts
+    # (the 128-in/128-out regime at max load, where each program walks only a few tiles)
+    wide, short = min(build.max_batch_size, 256), min(build.max_seq_len, 256)
+    decode_cases = [batch([1] * b, [ctx] * b), batch([1], [min(build.max_seq_len, 8192)]),
+                    batch([1] * wide, [short] * wide)]
     n = max(4, min(build.max_num_tokens, 4096) // 4)
     prefill_cases = [batch([n] * 4, [n] * 4)]
     decode_keys = ("decode_block_n", "decode_num_warps", "decode_num_stages")
-    decode_grid = list(itertools.product((32, 64, 128), (4, 8), (2, 3)))
+    # stages 1: no shared-memory pipeline. Triton pipelines the K/V loads through cp.async only for some
+    # dtypes (offline sm_90 compiles: 1-byte K/V yes, at 146 registers a program vs 128 unpipelined), and
+    # with a few tiles per program occupancy may matter more than pipelining
+    decode_grid = list(itertools.product((32, 64, 128), (4, 8), (1, 2, 3)))
     if kv_quant is not None:  # 1-byte K/V converted before a dot measured 1.5x slower than bf16 K/V (H200,
         # BENCHMARKS.md): also time the CUDA-core path, which needs no MMA-shaped tiles for small query groups
         decode_keys += ("decode_use_dot",)
@@ -138,7 +145,8 @@ def _gemm_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: t
 
 
 def tune_family(fam: Family, timer: Timer, tol: float, bar=None, seconds: float = 30.0) -> dict[str, Any]:
-    """Time every candidate of ``fam`` (within ``seconds``); returns the winner and the per-candidate times.
+    """Time every candidate of ``fam`` (within ``seconds`` per 16 candidates); returns the winner and the
+    per-candidate times.
     The module's TACTICS are restored afterwards."""
     tactics = _module(fam.module).TACTICS
     saved = dict(tactics)
@@ -146,6 +154,7 @@ def tune_family(fam: Family, timer: Timer, tol: float, bar=None, seconds: float 
     refs = [case() for case in fam.cases]
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
+    seconds *= max(1.0, len(fam.candidates) / 16)  # the budget was set for grids of ~16 variants
     candidates = [default] + [c for c in fam.candidates if c != default]
     try:
         for cand in candidates:
