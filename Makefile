@@ -21,10 +21,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	LLMC_TEST_REQUIRE_SMOL=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	LLMC_TEST_REQUIRE_SMOL=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # Serve the bundled SmolLM2-135M (converted and built once into ~/.cache/llmc).
 serve: setup

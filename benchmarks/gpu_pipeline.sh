@@ -35,7 +35,8 @@ if [ "${TESTS:-1}" = 1 ]; then
   # shellcheck disable=SC2086
   timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider ${XDIST:+-n $XDIST} ${GPU_MARK--m gpu} \
     ${GPU_TESTS:-tests/test_pipeline.py tests/test_gpu.py} 2>&1 \
-    | tail -25 > "$R/gpu_tests.log"; tail -8 "$R/gpu_tests.log" | tee -a "$OUT/summary.txt"; el "gpu tests"
+    | tee "$R/gpu_tests_full.log" | tail -25 > "$R/gpu_tests.log"; tail -8 "$R/gpu_tests.log" | tee -a "$OUT/summary.txt"
+  el "gpu tests"
 fi
 i=0
 IFS=';' read -r -a KB <<< "${KBENCH_SET:-}"

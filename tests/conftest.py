@@ -23,17 +23,32 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _require_smol() -> Path:
+    """The bundled GGUF; skips where it is not installed (the GPU machine) unless LLMC_TEST_REQUIRE_SMOL=1
+    (``make test`` sets it, so CI fails instead of skipping)."""
+    import os
+
+    from llmc.convert.resolve import resolve_alias
+    from llmc.errors import CheckpointError
+
+    try:
+        return resolve_alias("smollm2-135m")
+    except CheckpointError as e:
+        if os.environ.get("LLMC_TEST_REQUIRE_SMOL") == "1":
+            raise
+        pytest.skip(str(e))
+
+
 @pytest.fixture(scope="session")
 def smol_gguf() -> Path:
-    from llmc.convert.resolve import resolve_alias
-
-    return resolve_alias("smollm2-135m")
+    return _require_smol()
 
 
 @pytest.fixture(scope="session")
 def smol_ckpt(tmp_path_factory) -> Path:
     from llmc.convert import convert
 
+    _require_smol()
     return convert("smollm2-135m", tmp_path_factory.mktemp("smol") / "ckpt", dtype="float32")
 
 

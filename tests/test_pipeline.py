@@ -87,7 +87,9 @@ def test_pipelined_equals_synchronous(tiny_engine_dir):
     want = run(sync, prompts, params)
     pipe = LLMEngine(tiny_engine_dir, show_progress=False, async_scheduling=True)
     got = run(pipe, prompts, params)
-    assert_same(got, want, 1e-5)
+    # fp32 on the CPU; bf16 on the GPU, where the extra rows of the run-ahead steps change the GEMMs' shapes
+    # and so their bf16 rounding (same tokens, logprobs within bf16's step at logit magnitudes)
+    assert_same(got, want, 1e-5 if sync.runner.device.type == "cpu" else 0.1)
     assert any(c.finish_reason == "stop" for o in want for c in o.outputs), "no request stopped early"
     assert_all_free(pipe)
     # The pipeline ran ahead: sequences that stopped computed one thrown-away token each.

@@ -75,19 +75,20 @@ def test_tune_covers_attention_and_quantized_gemm_families():
 
 
 @pytest.mark.parametrize("kv", ["int8", "fp8"])
-def test_quantized_cache_also_times_the_cuda_core_decode(kv):
-    """A 1-byte KV cache adds the CUDA-core decode path (``decode_use_dot`` 0) to the decode family; it
-    computes what the dot path does, so it passes the tuner's output check and can win."""
+def test_quantized_cache_also_times_fp16_dots_and_k_as_a(kv):
+    """A 1-byte KV cache adds fp16 dots and K-as-A-operand to the decode family; they compute what the
+    default does, so they pass the tuner's output check and can win."""
     fam = tuning._attention_families(TINY, BuildConfig(**{**SMALL.__dict__, "kv_cache_dtype": kv}), DEV,
                                      torch.float32)[0]
-    assert fam.keys[-1] == "decode_use_dot" and {c[-1] for c in fam.candidates} == {0, 1}
+    assert fam.keys[-2:] == ("decode_kv_f16", "decode_k_as_a")
+    assert {c[-2:] for c in fam.candidates} == {(0, 0), (0, 1), (1, 0), (1, 1)}
     assert {c[2] for c in fam.candidates} == {1, 2, 3}  # unpipelined loads too
     plain = tuning._attention_families(TINY, SMALL, DEV, torch.float32)[0]
     assert plain.keys[-1] == "decode_num_stages" and len(plain.cases) == 3  # incl. a full batch of short contexts
-    fam.candidates = [(64, 4, 2, 1), (64, 4, 2, 0)]
-    res = tuning.tune_family(fam, fake_timer_preferring("decode_use_dot", 0), tol=1e-3)
+    fam.candidates = [(64, 4, 2, 0, 0), (64, 4, 1, 1, 1)]
+    res = tuning.tune_family(fam, fake_timer_preferring("decode_kv_f16", 1), tol=1e-3)
     assert all("error" not in c for c in res["candidates"]), res["candidates"]
-    assert res["winner"]["decode_use_dot"] == 0
+    assert res["winner"]["decode_kv_f16"] == 1 and res["winner"]["decode_k_as_a"] == 1
 
 
 def test_fp8_tunes_the_library_crossover_with_earlier_winners_applied():
