@@ -158,33 +158,28 @@ def test_paged_attention_quantized_16bit(q_dtype, kv_dtype, small_tiles):
     check_attention(q, kv, meta)
 
 
-DECODE_VARIANTS = {"f16-dots": dict(decode_kv_f16=1), "k-as-a": dict(decode_k_as_a=1),
-                   "both": dict(decode_kv_f16=1, decode_k_as_a=1), "unpipelined": dict(decode_num_stages=1)}
-
-
-@pytest.mark.parametrize("variant", DECODE_VARIANTS)
+@pytest.mark.parametrize("stages", [1, 3])
 @pytest.mark.parametrize("q_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
-def test_decode_tactic_variants_quantized(variant, q_dtype, kv_dtype, small_tiles, monkeypatch):
-    """The tuner's decode variants for 1-byte caches (fp16 dots under a bf16 q, K as the A operand)
-    compute the reference's attention."""
-    for k, v in DECODE_VARIANTS[variant].items():
-        monkeypatch.setitem(tk().TACTICS, k, v)
+def test_decode_tile_variants_quantized(stages, q_dtype, kv_dtype, small_tiles, monkeypatch):
+    """The tuner's unpipelined (stages 1) and deeper-pipelined decode variants for 1-byte caches compute the
+    reference's attention."""
+    monkeypatch.setitem(tk().TACTICS, "decode_num_stages", stages)
+    monkeypatch.setitem(tk().TACTICS, "decode_block_n", 32)
     q, kv, meta = make_batch([1, 1, 1, 1], [40, 23, 17, 64], 6, 2, 32, 16, q_dtype, kv_dtype, seed=11)
     check_attention(q, kv, meta)
 
 
-@pytest.mark.parametrize("q_dtype", [torch.float16, torch.bfloat16])
-def test_decode_small_v_keeps_fp16_precision(q_dtype, small_tiles, monkeypatch):
-    """V of magnitude ~1e-4: p * v_scale is below fp16's smallest subnormal (6e-8) for most probabilities,
-    so fp16 dots must take the V scales relative to the tile's largest, not as they are."""
-    monkeypatch.setitem(tk().TACTICS, "decode_kv_f16", 1)
-    q, kv, meta = make_batch([1, 1, 1], [64, 150, 33], 4, 4, 32, 16, q_dtype, FP8, seed=3)
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_decode_small_v_keeps_fp16_precision(kv_dtype, small_tiles):
+    """V of magnitude ~1e-4 under fp16 dots: p * v_scale is below fp16's smallest subnormal (6e-8) for most
+    probabilities, so the kernel takes the V scales relative to the tile's largest, not as they are."""
+    q, kv, meta = make_batch([1, 1, 1], [64, 150, 33], 4, 4, 32, 16, torch.float16, kv_dtype, seed=3)
     kv = kv._replace(v_scale=kv.v_scale * 1e-4)
     scale = q.shape[-1] ** -0.5
     ref = reference.paged_attention(q.float(), kv.k, kv.v, meta, scale, kv.k_scale, kv.v_scale)
     out = tk().paged_attention(q, kv.k, kv.v, meta, scale, kv.k_scale, kv.v_scale)
-    torch.testing.assert_close(out.float() * 1e4, ref * 1e4, atol=TOL[q_dtype], rtol=TOL[q_dtype])
+    torch.testing.assert_close(out.float() * 1e4, ref * 1e4, atol=TOL[q.dtype], rtol=TOL[q.dtype])
 
 
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)

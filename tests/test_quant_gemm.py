@@ -56,7 +56,26 @@ def test_qgemm_matches_reference_fp32(method, m):
     ref = layer(x)
     out = run_kernel(layer, x)
     assert out.shape == ref.shape and out.dtype == torch.float32
-    torch.testing.assert_close(out, ref, atol=2e-4, rtol=1e-4)
+    if method in ("fp8", "w8a8") and CUDA:
+        assert_close_up_to_activation_flips(out, ref, x, layer)
+    else:
+        torch.testing.assert_close(out, ref, atol=2e-4, rtol=1e-4)
+
+
+def assert_close_up_to_activation_flips(out, ref, x, layer) -> None:
+    """Activation-quantizing GEMMs on the GPU: ``x / scale`` there can differ from the CPU's in the last ulp
+    and so land an activation on the neighbouring 8-bit grid point (measured: 5 of 5,600 outputs at M=70,
+    fp8). Each such flip moves an output by at most one grid step times a weight; everything else must
+    match as tightly as the plain GEMMs."""
+    diff = (out - ref).abs()
+    tol = 2e-4 + 1e-4 * ref.abs()
+    xs = x / layer.input_scale if layer.input_scale is not None else x
+    amax = xs.abs().amax(-1, keepdim=True)
+    step = amax / 448 * 32 if layer.method == "fp8" else amax / 127  # the largest grid step, in xs units
+    w = layer.qweight.float() * layer.scales.float().reshape(-1, 1)  # dequantized [N, K]
+    bound = tol + 2 * step * w.abs().amax(-1)[None, :]
+    assert (diff <= bound).all(), (diff - bound).max()
+    assert (diff > tol).float().mean() <= 0.005, (diff > tol).float().mean()
 
 
 @pytest.mark.parametrize("method", METHODS)

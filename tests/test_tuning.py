@@ -75,20 +75,20 @@ def test_tune_covers_attention_and_quantized_gemm_families():
 
 
 @pytest.mark.parametrize("kv", ["int8", "fp8"])
-def test_quantized_cache_also_times_fp16_dots_and_k_as_a(kv):
-    """A 1-byte KV cache adds fp16 dots and K-as-A-operand to the decode family; they compute what the
-    default does, so they pass the tuner's output check and can win."""
-    fam = tuning._attention_families(TINY, BuildConfig(**{**SMALL.__dict__, "kv_cache_dtype": kv}), DEV,
-                                     torch.float32)[0]
-    assert fam.keys[-2:] == ("decode_kv_f16", "decode_k_as_a")
-    assert {c[-2:] for c in fam.candidates} == {(0, 0), (0, 1), (1, 0), (1, 1)}
-    assert {c[2] for c in fam.candidates} == {1, 2, 3}  # unpipelined loads too
+def test_decode_grid_times_unpipelined_loads_and_short_contexts(kv):
+    """Both caches time stages 1 (no shared-memory pipeline); a 1-byte cache times only the wide tiles that
+    won the H200 sweep; the cases include a full batch of short contexts (128-in/128-out at max load)."""
+    quant = tuning._attention_families(TINY, BuildConfig(**{**SMALL.__dict__, "kv_cache_dtype": kv}), DEV,
+                                       torch.float32)[0]
     plain = tuning._attention_families(TINY, SMALL, DEV, torch.float32)[0]
-    assert plain.keys[-1] == "decode_num_stages" and len(plain.cases) == 3  # incl. a full batch of short contexts
-    fam.candidates = [(64, 4, 2, 0, 0), (64, 4, 1, 1, 1)]
-    res = tuning.tune_family(fam, fake_timer_preferring("decode_kv_f16", 1), tol=1e-3)
+    for fam in (quant, plain):
+        assert fam.keys == ("decode_block_n", "decode_num_warps", "decode_num_stages")
+        assert {c[2] for c in fam.candidates} == {1, 2, 3} and len(fam.cases) == 3
+    assert {c[0] for c in quant.candidates} == {64, 128} and {c[0] for c in plain.candidates} == {32, 64, 128}
+    quant.candidates = [(64, 4, 2), (128, 4, 1)]
+    res = tuning.tune_family(quant, fake_timer_preferring("decode_num_stages", 1), tol=1e-3)
     assert all("error" not in c for c in res["candidates"]), res["candidates"]
-    assert res["winner"]["decode_kv_f16"] == 1 and res["winner"]["decode_k_as_a"] == 1
+    assert res["winner"] == {"decode_block_n": 128, "decode_num_warps": 4, "decode_num_stages": 1}
 
 
 def test_fp8_tunes_the_library_crossover_with_earlier_winners_applied():

@@ -90,13 +90,10 @@ def _attention_families(model: ModelConfig, build: BuildConfig, device: str, dty
     # with a few tiles per program occupancy may matter more than pipelining
     decode_grid = list(itertools.product((32, 64, 128), (4, 8), (1, 2, 3)))
     if kv_quant is not None:
-        # 1-byte K/V measured no faster than bf16 K/V with bf16 dots (H200 sweep, BENCHMARKS.md): the
-        # conversions and byte-wise shared-memory reads, not DRAM, bound it. Also time fp16 dots and K as the
-        # A operand (each removes instructions per tile); the CUDA-core path (decode_use_dot 0) spills
-        # registers and lost every case of that sweep, so it is not timed.
-        decode_keys += ("decode_kv_f16", "decode_k_as_a")
-        decode_grid = [c + (f16, ka) for c in itertools.product((64, 128), (4, 8), (1, 2, 3))
-                       for f16 in (0, 1) for ka in (0, 1)]
+        # 1-byte K/V: the conversions and byte-wise shared-memory reads bound the kernel, not DRAM, and
+        # wider tiles won every case of the H200 sweep (BENCHMARKS.md); block 32 and the CUDA-core path
+        # (decode_use_dot 0, 2x slower there) are not timed
+        decode_grid = list(itertools.product((64, 128), (4, 8), (1, 2, 3)))
     return [
         Family("attention decode", "triton_kernels", decode_keys, decode_grid, decode_cases),
         Family("attention prefill", "triton_kernels",

@@ -50,13 +50,6 @@ TACTICS: dict[str, int] = {
     "decode_num_warps": 4,
     "decode_num_stages": 2,          # software-pipelining depth of the K/V loads
     "decode_use_dot": 1,             # tl.dot on the (padded to 16) query group, else broadcast-multiply
-    # 1-byte (fp8/int8) K/V with a bf16 model: run the dots in fp16 instead of bf16. e4m3 and int8 values are
-    # exact in both, and Hopper converts e4m3 pairs straight to fp16 pairs; a bf16 operand costs one more
-    # conversion per element (offline sm_90 SASS, 128-token tiles: 1,834 -> 1,429 instructions a loop)
-    "decode_kv_f16": 0,
-    # K as the A operand of the score MMA (scores transposed back): K's element pairs are adjacent in
-    # memory that way, so 1-byte K is read from shared memory 2 bytes at a time instead of 1
-    "decode_k_as_a": 0,
     "decode_num_splits": 0,          # 0: heuristic below; >0: force
     "decode_target_programs": 528,   # ~4 programs per SM of an H100 (132 SMs)
     "decode_min_split_tokens": 128,  # never split finer than this many context tokens
@@ -203,13 +196,13 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_pt
                    NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DECODE_ONLY: tl.constexpr,
                    SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
-                   KV_F16: tl.constexpr, K_AS_A: tl.constexpr, P_NORM: tl.constexpr):
+                   P_NORM: tl.constexpr):
     """One (sequence, KV head, split): the query group of that KV head against one slice of the context.
     Scores live in the log2 domain (``qk_scale`` includes log2(e)) so the softmax uses exp2. ``QUANT``:
-    K/V are fp8/int8 with per-(token, head) scales at ``ks_ptr``/``vs_ptr``; the dots run in q's dtype, or
-    in fp16 with ``KV_F16`` (q clamped to fp16's range). The V scales go into the probabilities; for fp16
-    dots (``P_NORM``) relative to the tile's largest, so the probabilities keep flash attention's [0, 1]
-    range (fp16 would flush p * scale to zero for small V) and the tile's pv is rescaled once."""
+    K/V are fp8/int8 with per-(token, head) scales at ``ks_ptr``/``vs_ptr``; the dots run in q's dtype. The
+    V scales go into the probabilities; for fp16 dots (``P_NORM``) relative to the tile's largest, so the
+    probabilities keep flash attention's [0, 1] range (fp16 flushes p * scale to zero for small V) and the
+    tile's pv is rescaled once."""
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -233,8 +226,6 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_pt
                 mask=gmask[:, None], other=0.0)
     if IEEE:
         q = q.to(tl.float32)
-    elif KV_F16:
-        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
     elif not QUANT:
         q = q.to(kc_ptr.dtype.element_ty)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -262,8 +253,6 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_pt
         if USE_DOT:
             if IEEE:
                 qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-            elif K_AS_A:
-                qk = tl.trans(tl.dot(k, tl.trans(q)))
             else:
                 qk = tl.dot(q, tl.trans(k))
         else:
@@ -381,9 +370,7 @@ def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
     use_dot = bool(TACTICS["decode_use_dot"])
     gpad = max(16, _pow2(group)) if use_dot else _pow2(group)
     ks, vs, stride_sb, stride_ss, quant, _, _ = _scale_args(k_cache, k_scale, v_scale)
-    # fp16 dots for 1-byte K/V under a bf16 q (exact K/V; also avoids the interpreter's bf16-dot fault)
-    kv_f16 = bool(TACTICS["decode_kv_f16"]) and quant and use_dot and q.dtype == torch.bfloat16
-    ieee = _compute_mode(q, k_cache) and not kv_f16
+    ieee = _compute_mode(q, k_cache)
     esize = _tile_esize(q, k_cache, ieee)
     _, block_n, stages = _fit_tiles(gpad, TACTICS["decode_block_n"], TACTICS["decode_num_stages"], D, esize)
     if nsplit > 1:
@@ -398,9 +385,9 @@ def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), meta.block_tables.stride(0), stride_sb, stride_ss,
         NUM_Q_HEADS=Hq, GROUP=group, GROUP_PAD=gpad, D=D, PAGE=page, BLOCK_N=block_n,
-        DECODE_ONLY=decode_only, SPLIT=nsplit > 1, USE_DOT=use_dot, IEEE=ieee, QUANT=quant, KV_F16=kv_f16,
-        K_AS_A=bool(TACTICS["decode_k_as_a"]), P_NORM=quant and not ieee and (kv_f16 or q.dtype == torch.float16),
-        num_warps=TACTICS["decode_num_warps"], num_stages=stages)
+        DECODE_ONLY=decode_only, SPLIT=nsplit > 1, USE_DOT=use_dot, IEEE=ieee, QUANT=quant,
+        P_NORM=quant and not ieee and q.dtype == torch.float16, num_warps=TACTICS["decode_num_warps"],
+        num_stages=stages)
     if nsplit > 1:
         _decode_merge_kernel[(S, Hq)](
             ws_m, ws_l, ws_acc, out, meta.query_start_loc, nsplit, out.stride(0), out.stride(1),
