@@ -131,7 +131,7 @@ CASES = {
     "mixed-gqa4-page32": ([5, 1, 19, 1, 2], [5, 50, 37, 1, 40], 4, 1, 32),
     "prefill-long-prefix-mha": ([20, 1, 33], [70, 9, 33], 4, 4, 16),
 }
-SMALL_TILES = dict(prefill_block_m=16, prefill_block_n=16, decode_block_n=16)
+SMALL_TILES = dict(prefill_block_m=16, prefill_block_n=16, decode_block_n=16, decode_q8_block_n=16)
 
 
 @pytest.fixture
@@ -162,10 +162,11 @@ def test_paged_attention_quantized_16bit(q_dtype, kv_dtype, small_tiles):
 @pytest.mark.parametrize("q_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 def test_decode_tile_variants_quantized(stages, q_dtype, kv_dtype, small_tiles, monkeypatch):
-    """The tuner's unpipelined (stages 1) and deeper-pipelined decode variants for 1-byte caches compute the
-    reference's attention."""
-    monkeypatch.setitem(tk().TACTICS, "decode_num_stages", stages)
-    monkeypatch.setitem(tk().TACTICS, "decode_block_n", 32)
+    """The tuner's unpipelined (stages 1) and deeper-pipelined decode variants for 1-byte caches (their own
+    tactic keys) compute the reference's attention."""
+    monkeypatch.setitem(tk().TACTICS, "decode_q8_num_stages", stages)
+    monkeypatch.setitem(tk().TACTICS, "decode_q8_block_n", 32)
+    monkeypatch.setitem(tk().TACTICS, "decode_block_n", 999)  # the 16-bit tiles must not be what runs
     q, kv, meta = make_batch([1, 1, 1, 1], [40, 23, 17, 64], 6, 2, 32, 16, q_dtype, kv_dtype, seed=11)
     check_attention(q, kv, meta)
 

@@ -93,6 +93,7 @@ def _attention_families(model: ModelConfig, build: BuildConfig, device: str, dty
         # 1-byte K/V: the conversions and byte-wise shared-memory reads bound the kernel, not DRAM, and
         # wider tiles won every case of the H200 sweep (BENCHMARKS.md); block 32 and the CUDA-core path
         # (decode_use_dot 0, 2x slower there) are not timed
+        decode_keys = ("decode_q8_block_n", "decode_q8_num_warps", "decode_q8_num_stages")
         decode_grid = list(itertools.product((64, 128), (4, 8), (1, 2, 3)))
     return [
         Family("attention decode", "triton_kernels", decode_keys, decode_grid, decode_cases),

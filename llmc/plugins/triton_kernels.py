@@ -54,6 +54,12 @@ TACTICS: dict[str, int] = {
     "decode_target_programs": 528,   # ~4 programs per SM of an H100 (132 SMs)
     "decode_min_split_tokens": 128,  # never split finer than this many context tokens
     "decode_max_splits": 64,
+    # 1-byte (fp8/int8) K/V caches have their own tiles: converting K/V for the dots, not DRAM, bounds them
+    # and wide tiles win (H200 sweep 2026-12-01, fp8: batch 64 x 4096 1.246 -> 1.001 ms, 256 x 256 0.332 ->
+    # 0.276 ms against 64/4/2), and an engine given --kv-cache-dtype at load keeps its 16-bit tuning apart
+    "decode_q8_block_n": 128,
+    "decode_q8_num_warps": 4,
+    "decode_q8_num_stages": 2,
     # prefill / mixed (flash attention over query tiles); H100 sweep, 8 x 2048 bf16: 64/64/4/3 and
     # 128/32/4/3 tie at 0.94 ms (flash SDPA 0.91 ms), 128/64/8/3 1.04 ms; the smaller tile fills more SMs
     "prefill_block_m": 64,
@@ -372,7 +378,8 @@ def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
     ks, vs, stride_sb, stride_ss, quant, _, _ = _scale_args(k_cache, k_scale, v_scale)
     ieee = _compute_mode(q, k_cache)
     esize = _tile_esize(q, k_cache, ieee)
-    _, block_n, stages = _fit_tiles(gpad, TACTICS["decode_block_n"], TACTICS["decode_num_stages"], D, esize)
+    tiles = "decode_q8_" if quant else "decode_"
+    _, block_n, stages = _fit_tiles(gpad, TACTICS[tiles + "block_n"], TACTICS[tiles + "num_stages"], D, esize)
     if nsplit > 1:
         ws_m = torch.empty((S, Hq, nsplit), dtype=torch.float32, device=q.device)
         ws_l = torch.empty_like(ws_m)
@@ -386,7 +393,7 @@ def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
         v_cache.stride(2), meta.block_tables.stride(0), stride_sb, stride_ss,
         NUM_Q_HEADS=Hq, GROUP=group, GROUP_PAD=gpad, D=D, PAGE=page, BLOCK_N=block_n,
         DECODE_ONLY=decode_only, SPLIT=nsplit > 1, USE_DOT=use_dot, IEEE=ieee, QUANT=quant,
-        P_NORM=quant and not ieee and q.dtype == torch.float16, num_warps=TACTICS["decode_num_warps"],
+        P_NORM=quant and not ieee and q.dtype == torch.float16, num_warps=TACTICS[tiles + "num_warps"],
         num_stages=stages)
     if nsplit > 1:
         _decode_merge_kernel[(S, Hq)](
