@@ -1,0 +1,47 @@
+"""The decode-attention kernel compiled for sm_90 on the CPU (``benchmarks/sass_profile.py``): compiled Triton
+refuses code the interpreter accepts (a jit helper whose branches return different dtypes cost a device call),
+and a change that makes the default tiles spill registers is a slowdown no CPU test would otherwise see.
+Runs in a subprocess: under TRITON_INTERPRET=1 (set by the kernel tests) nothing can be compiled."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton", reason="triton is not installed: nothing to compile")
+ROOT = Path(__file__).resolve().parents[1]
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+pytestmark = pytest.mark.skipif(not PTXAS.is_file(), reason="this triton wheel ships no ptxas")
+
+
+def profile(kv: str, group: int, head_dim: int) -> dict:
+    """Compile with the tiles ``paged_decode`` would launch (its TACTICS defaults, fitted to shared memory)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"""
+import json, subprocess, sys
+from llmc.plugins import triton_kernels as tk
+t = "decode_q8_" if {kv!r} != "bf16" else "decode_"
+gpad = max(16, tk._pow2({group}))
+_, bn, st = tk._fit_tiles(gpad, tk.TACTICS[t + "block_n"], tk.TACTICS[t + "num_stages"], {head_dim}, 2)
+sys.argv = ["sass_profile", "--json", "--kv", {kv!r}, "--block-n", str(bn), "--stages", str(st),
+            "--warps", str(tk.TACTICS[t + "num_warps"]), "--group", "{group}", "--head-dim", "{head_dim}"]
+sys.path.insert(0, "benchmarks")
+import sass_profile
+sass_profile.main()
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
+
+
+@pytest.mark.parametrize("kv,group,head_dim", [("bf16", 1, 128), ("fp8", 1, 128), ("int8", 4, 128),
+                                               ("bf16", 8, 64)])
+def test_decode_kernel_compiles_for_hopper_without_spills(kv, group, head_dim):
+    res = profile(kv, group, head_dim)
+    assert res["spill_stores"] == 0 and res["spill_loads"] == 0, res
+    assert res["loop_mix"].get("HMMA.16816", 0) > 0, res["loop_mix"]  # the dots run on tensor cores
+    assert 0 < res["registers"] <= 255 and res["shared_bytes"] <= 227 * 1024
