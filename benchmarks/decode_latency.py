@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llmc.config import KV_CACHE_DTYPES  # noqa: E402
 from llmc.plugins import ops  # noqa: E402
 from llmc.runtime.engine import LLMEngine  # noqa: E402
 from llmc.runtime.sampling_params import SamplingParams  # noqa: E402
@@ -128,7 +129,7 @@ def main() -> None:
     ap.add_argument("--no-async-scheduling", action="store_true", help="synchronous steps (no pipelining)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.45)
     ap.add_argument("--profile", action="store_true", help="add the top CUDA kernels of 20 decode steps")
-    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "int8"], default=None,
+    ap.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default=None,
                     help="override the engine's KV cache format")
     ap.add_argument("--no-fuse", action="append", default=[], choices=sorted(ops.FUSIONS),
                     help="run this fusion's ops unfused (repeatable): before/after figures in one process")

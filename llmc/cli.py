@@ -9,6 +9,7 @@ import click
 
 from llmc import __version__
 from llmc.clitools import user_errors
+from llmc.config import KV_CACHE_DTYPES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -66,7 +67,7 @@ def convert(model, output, dtype, allow_pickle, quant, group_size, calib_data, c
 @click.option("--block-size", type=int, default=16, show_default=True, help="KV cache block size (tokens).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
               show_default=True, help="Compute dtype on the GPU (the CPU always computes in float32).")
-@click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8", "int8"]), default="auto", show_default=True)
+@click.option("--kv-cache-dtype", type=click.Choice(list(KV_CACHE_DTYPES)), default="auto", show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Target device; cuda tunes kernels for the GPU on this machine.")
 @click.option("--tp-size", type=int, default=1, show_default=True)

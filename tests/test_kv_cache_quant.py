@@ -82,6 +82,10 @@ def test_quantize_round_trip_error_bounds(dtype):
 
 
 def test_kv_storage_dtype_and_fp8_needs_ada_or_hopper(monkeypatch):
+    from llmc.config import KV_CACHE_DTYPES  # the CLI's choices (torch-free) name exactly the storage formats
+    from llmc.plugins.kv_layout import KV_QUANT_DTYPES
+
+    assert set(KV_CACHE_DTYPES) == {"auto", *KV_QUANT_DTYPES}
     assert kv_storage_dtype("auto", "cpu") is None
     assert kv_storage_dtype("fp8", "cpu") == FP8 and kv_storage_dtype("int8", "cpu") == INT8
     with pytest.raises(ConfigError, match="auto, fp8, int8"):

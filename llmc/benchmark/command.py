@@ -12,6 +12,7 @@ import sys
 import click
 
 from llmc.clitools import user_errors
+from llmc.config import KV_CACHE_DTYPES
 from llmc.errors import ConfigError
 
 
@@ -61,7 +62,7 @@ def engine_options(fn):
         click.option("--prefix-caching/--no-prefix-caching", default=True, show_default=True),
         click.option("--async-scheduling/--no-async-scheduling", default=None,
                      help="Pipeline steps: schedule step N+1 while the GPU runs step N (default: on for one GPU)."),
-        click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8", "int8"]), default=None,
+        click.option("--kv-cache-dtype", type=click.Choice(list(KV_CACHE_DTYPES)), default=None,
                      help="Override the engine's KV cache format (default: as built)."),
         click.option("--temperature", type=float, default=1.0, show_default=True,
                      help="Sampling temperature (outputs always run to their length: ignore_eos)."),

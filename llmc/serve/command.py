@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from llmc.clitools import user_errors
+from llmc.config import KV_CACHE_DTYPES
 from llmc.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -77,7 +78,7 @@ def parse_size(text: str | None) -> int | None:
 @click.option("--num-speculative-tokens", type=int, default=4, show_default=True)
 @click.option("--async-scheduling/--no-async-scheduling", default=None,
               help="Pipeline steps: schedule step N+1 while the GPU runs step N (default: on for one GPU).")
-@click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8", "int8"]), default=None,
+@click.option("--kv-cache-dtype", type=click.Choice(list(KV_CACHE_DTYPES)), default=None,
               help="Override the engine's KV cache format (default: as built).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
