@@ -175,11 +175,12 @@ def test_decode_tile_variants_quantized(stages, q_dtype, kv_dtype, small_tiles, 
     check_attention(q, kv, meta)
 
 
+@pytest.mark.parametrize("q_lens", [[1, 1, 1], [1, 9, 33]], ids=["decode", "mixed"])
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
-def test_decode_small_v_keeps_fp16_precision(kv_dtype, small_tiles):
+def test_small_v_keeps_fp16_precision(kv_dtype, q_lens, small_tiles):
     """V of magnitude ~1e-4 under fp16 dots: p * v_scale is below fp16's smallest subnormal (6e-8) for most
-    probabilities, so the kernel takes the V scales relative to the tile's largest, not as they are."""
-    q, kv, meta = make_batch([1, 1, 1], [64, 150, 33], 4, 4, 32, 16, torch.float16, kv_dtype, seed=3)
+    probabilities, so the decode and prefill kernels take the V scales relative to the tile's largest."""
+    q, kv, meta = make_batch(q_lens, [64, 150, 33], 4, 4, 32, 16, torch.float16, kv_dtype, seed=3)
     kv = kv._replace(v_scale=kv.v_scale * 1e-4)
     scale = q.shape[-1] ** -0.5
     ref = reference.paged_attention(q.float(), kv.k, kv.v, meta, scale, kv.k_scale, kv.v_scale)

@@ -406,10 +406,11 @@ def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
 def _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, kvh, qk_scale, ks_ptr, vs_ptr,
                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_sb, stride_ss,
                   D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  IEEE: tl.constexpr, QUANT: tl.constexpr):
+                  IEEE: tl.constexpr, QUANT: tl.constexpr, P_NORM: tl.constexpr):
     """Fold keys ``n0 .. n0 + BLOCK_N`` (gathered through the block table) into the online softmax.
     Unmasked tiles lie entirely below every row's position, so they skip both the bounds and causal mask.
-    ``QUANT``: dequantize as in ``_decode_kernel`` (K scale on the scores, V scale on the probabilities)."""
+    ``QUANT``: dequantize as in ``_decode_kernel`` (K scale on the scores, V scale on the probabilities,
+    relative to the tile's largest for fp16 dots: ``P_NORM``)."""
     offs_d = tl.arange(0, D)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     if MASKED:
@@ -455,13 +456,18 @@ def _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, 
     p = tl.exp2(qk - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if QUANT:
+    if P_NORM:
+        v_top = tl.maximum(tl.max(v_sc, axis=0), 1e-30)
+        p = p * (v_sc * (1.0 / v_top))[None, :]
+    elif QUANT:
         p = p * v_sc[None, :]
     if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
+        pv = tl.dot(p.to(v.dtype), v)
+    if P_NORM:
+        pv = pv * v_top
+    return m_new, l_i, acc * alpha[:, None] + pv
 
 
 @triton.jit(do_not_specialize=["num_seqs", "num_tiles", "stride_bt"])  # vary per step: no recompiles
@@ -471,7 +477,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seqlen_ptr, qsl_ptr,
                     stride_sb, stride_ss,
                     GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr, SKIP_DECODE: tl.constexpr,
-                    IEEE: tl.constexpr, QUANT: tl.constexpr):
+                    IEEE: tl.constexpr, QUANT: tl.constexpr, P_NORM: tl.constexpr):
     """BLOCK_M query rows of one sequence x one query head, over that sequence's paged context.
 
     Sequence ``s`` owns tiles ``qsl[s] // BLOCK_M + s ...`` (at least ceil(q_len / BLOCK_M) of them, the
@@ -518,11 +524,13 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seqlen_ptr, qsl_ptr,
     for n0 in range(0, full_end, BLOCK_N):
         m_i, l_i, acc = _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, kvh, qk_scale,
                                       ks_ptr, vs_ptr, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                                      stride_vh, stride_sb, stride_ss, D, PAGE, BLOCK_N, False, IEEE, QUANT)
+                                      stride_vh, stride_sb, stride_ss, D, PAGE, BLOCK_N, False, IEEE, QUANT,
+                                      P_NORM)
     for n0 in range(full_end, diag_end, BLOCK_N):
         m_i, l_i, acc = _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, kvh, qk_scale,
                                       ks_ptr, vs_ptr, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                                      stride_vh, stride_sb, stride_ss, D, PAGE, BLOCK_N, True, IEEE, QUANT)
+                                      stride_vh, stride_sb, stride_ss, D, PAGE, BLOCK_N, True, IEEE, QUANT,
+                                      P_NORM)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + (q0 + rows).to(tl.int64)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
@@ -546,6 +554,7 @@ def paged_prefill(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, ou
         v_cache.stride(2), meta.block_tables.stride(0), stride_sb, stride_ss,
         GROUP=Hq // k_cache.shape[2], D=D, PAGE=k_cache.shape[1], BLOCK_M=bm, BLOCK_N=bn,
         SEARCH_STEPS=_search_steps(S), SKIP_DECODE=skip_decode, IEEE=ieee, QUANT=quant,
+        P_NORM=quant and not ieee and q.dtype == torch.float16,
         num_warps=TACTICS["prefill_num_warps"], num_stages=stages)
 
 
