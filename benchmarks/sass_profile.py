@@ -1,6 +1,7 @@
-"""Compile the paged decode-attention kernel for sm_90 without a GPU and report what the GPU would run.
+"""Compile Triton kernels for sm_90 without a GPU and report what the GPU would run.
 
     python3 benchmarks/sass_profile.py [--kv fp8|bf16|int8] [--block-n 64] [--warps 4] [--stages 2] [--json]
+    python3 benchmarks/sass_profile.py --specs     # prefill, KV writes, fused producers: ptxas usage each
 
 Triton's compiler and the ``ptxas``/``nvdisasm`` binaries shipped in its wheel work on a CPU-only machine,
 so register use, spills, shared memory and the instruction mix of the main loop can be read before a device
@@ -32,15 +33,30 @@ _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _KV_TYPES = {"bf16": "*bf16", "fp8": "*fp8e4nv", "int8": "*i8"}
 
 
-def compile_decode(kv: str = "bf16", block_n: int = 64, warps: int = 4, stages: int = 2, heads: int = 32,
-                   group: int = 1, head_dim: int = 128, page: int = 16, arch: int = 90):
-    """``_decode_kernel`` compiled for ``sm_{arch}`` as ``paged_decode`` launches it for a bf16 model
-    (decode-only batch, no split)."""
-    from llmc.plugins import triton_kernels as tk
-
-    fn = tk._decode_kernel
+def compile_kernel(fn, ptrs: dict[str, str], const: dict, warps: int = 4, stages: int = 2, floats=(),
+                   arch: int = 90):
+    """``fn`` compiled for ``sm_{arch}``: ``ptrs`` names each pointer argument's Triton type ("*bf16"),
+    ``const`` the constexprs, ``floats`` the fp32 scalars; every other argument is an i32 that, like a launch
+    passing a stride or count divisible by 16, is marked so (unless the kernel exempts it)."""
     if not isinstance(fn, triton.runtime.jit.JITFunction):
         raise SystemExit("TRITON_INTERPRET=1 is set: the kernels are interpreted, there is nothing to compile")
+    names = fn.arg_names
+    missing = (set(const) | set(ptrs) | set(floats)) - set(names)
+    if missing:
+        raise SystemExit(f"{fn.__name__} has no {sorted(missing)}: update its spec to the kernel's signature")
+    sig = {n: "constexpr" if n in const else ptrs.get(n, "fp32" if n in floats else "i32") for n in names}
+    exempt = set(floats) | {names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if sig[n] != "constexpr" and n not in exempt}
+    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def compile_decode(kv: str = "bf16", block_n: int = 64, warps: int = 4, stages: int = 2, heads: int = 32,
+                   group: int = 1, head_dim: int = 128, page: int = 16, arch: int = 90):
+    """``_decode_kernel`` as ``paged_decode`` launches it for a bf16 model (decode-only batch, no split)."""
+    from llmc.plugins import triton_kernels as tk
+
     quant = kv != "bf16"
     const = dict(NUM_Q_HEADS=heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=head_dim,
                  PAGE=page, BLOCK_N=block_n, DECODE_ONLY=True, SPLIT=False, USE_DOT=True, IEEE=False,
@@ -48,17 +64,45 @@ def compile_decode(kv: str = "bf16", block_n: int = 64, warps: int = 4, stages: 
     ptrs = {"q_ptr": "*bf16", "out_ptr": "*bf16", "kc_ptr": _KV_TYPES[kv], "vc_ptr": _KV_TYPES[kv],
             "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32", "ws_acc_ptr": "*fp32", "bt_ptr": "*i32",
             "seqlen_ptr": "*i32", "qsl_ptr": "*i32", "ks_ptr": "*fp32", "vs_ptr": "*fp32"}
-    names = fn.arg_names
-    missing = set(const) - set(names)
-    if missing:
-        raise SystemExit(f"_decode_kernel has no {sorted(missing)}: update compile_decode to its signature")
-    sig = {n: "constexpr" if n in const else ptrs.get(n, "fp32" if n == "qk_scale" else "i32") for n in names}
-    exempt = {"qk_scale"} | {names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if sig[n] != "constexpr" and n not in exempt}
-    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=warps, num_stages=stages))
+    return compile_kernel(tk._decode_kernel, ptrs, const, warps, stages, ("qk_scale",), arch)
+
+
+def kernel_specs() -> dict[str, tuple]:
+    """(kernel, pointer types, constexprs, warps, stages, fp32 scalars) of launches the model makes at Llama-2-7B
+    widths, with the default TACTICS: what CI compiles for sm_90 (``tests/test_sass_offline.py``)."""
+    from llmc.plugins import triton_kernels as tk
+
+    t = tk.TACTICS
+    kv8 = {"kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv", "ks_ptr": "*fp32", "vs_ptr": "*fp32"}
+    fp8_kv = dict(QUANT=True, QMAX=448.0, IS_INT=False, ROUND_FP8=False)
+    prefill = lambda q, kv, quant, p_norm: (  # noqa: E731
+        tk._prefill_kernel, {"q_ptr": q, "out_ptr": q, "kc_ptr": kv, "vc_ptr": kv, "bt_ptr": "*i32",
+                             "seqlen_ptr": "*i32", "qsl_ptr": "*i32", "ks_ptr": "*fp32", "vs_ptr": "*fp32"},
+        dict(GROUP=4, D=128, PAGE=16, BLOCK_M=t["prefill_block_m"], BLOCK_N=t["prefill_block_n"], SEARCH_STEPS=12,
+             SKIP_DECODE=True, IEEE=False, QUANT=quant, P_NORM=p_norm),
+        t["prefill_num_warps"], t["prefill_num_stages"], ("qk_scale",))
+    return {
+        "prefill bf16 cache": prefill("*bf16", "*bf16", False, False),
+        "prefill fp8 cache": prefill("*bf16", "*fp8e4nv", True, False),
+        "prefill fp8 cache, fp16 model": prefill("*fp16", "*fp8e4nv", True, True),
+        "write_kv fp8": (tk._write_kv_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "slot_ptr": "*i64", **kv8},
+                         dict(PAGE=16, H=32, H_PAD=32, D=128, D_PAD=128, **fp8_kv), t["small_num_warps"], 1, ()),
+        "rope_write_kv fp8": (tk._rope_write_kv_kernel,
+                              {"pos_ptr": "*i64", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
+                               "qo_ptr": "*bf16", "slot_ptr": "*i64", "cs_ptr": "*fp32", **kv8},
+                              dict(HQ=32, HQ_PAD=32, HK=8, HK_PAD=8, HALF=64, PAGE=16, **fp8_kv),
+                              t["small_num_warps"], 1, ()),
+        "fused_add_rms_norm_quant fp8": (tk._rms_norm_kernel,
+                                         {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16",
+                                          "out_ptr": "*fp8e4nv", "res_out_ptr": "*bf16", "isc_ptr": "*fp32",
+                                          "s_ptr": "*fp32"},
+                                         dict(N=4096, BLOCK=4096, HAS_RES=True, QUANT=True, IS_FP8=True,
+                                              HAS_ISC=False, ROUND_FP8=False), 8, 1, ("eps",)),
+        "silu_and_mul_quant w8a8": (tk._silu_mul_quant_kernel,
+                                    {"x_ptr": "*bf16", "isc_ptr": "*fp32", "q_ptr": "*i8", "s_ptr": "*fp32"},
+                                    dict(I=11008, BLOCK=16384, IS_FP8=False, HAS_ISC=True, ROUND_FP8=False), 16, 1,
+                                    ()),
+    }
 
 
 def ptxas_usage(kernel, arch: int = 90) -> dict:
@@ -104,7 +148,13 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=1, help="query heads per KV head (GQA)")
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--json", action="store_true", help="one JSON object instead of a summary")
+    ap.add_argument("--specs", action="store_true",
+                    help="compile every kernel of kernel_specs() instead; JSON of each one's ptxas usage")
     a = ap.parse_args()
+    if a.specs:
+        print(json.dumps({name: ptxas_usage(compile_kernel(*spec)) for name, spec in kernel_specs().items()},
+                         indent=1))
+        return
     k = compile_decode(a.kv, a.block_n, a.warps, a.stages, group=a.group, head_dim=a.head_dim)
     mix = loop_mix(k)
     res = {"kv": a.kv, "block_n": a.block_n, "warps": a.warps, "stages": a.stages, "group": a.group,

@@ -1,4 +1,4 @@
-"""The decode-attention kernel compiled for sm_90 on the CPU (``benchmarks/sass_profile.py``): compiled Triton
+"""Triton kernels compiled for sm_90 on the CPU (``benchmarks/sass_profile.py``): compiled Triton
 refuses code the interpreter accepts (a jit helper whose branches return different dtypes cost a device call),
 and a change that makes the default tiles spill registers is a slowdown no CPU test would otherwise see.
 Runs in a subprocess: under TRITON_INTERPRET=1 (set by the kernel tests) nothing can be compiled."""
@@ -47,3 +47,16 @@ def test_decode_kernel_compiles_for_hopper_without_spills(kv, group, head_dim):
     assert res["spill_stores"] == 0 and res["spill_loads"] == 0, res
     assert res["loop_mix"].get("HMMA.16816", 0) > 0, res["loop_mix"]  # the dots run on tensor cores
     assert 0 < res["registers"] <= 255 and res["shared_bytes"] <= 227 * 1024
+
+
+def test_prefill_kv_write_and_fused_producer_kernels_compile_for_hopper():
+    """The other kernels of a decode/prefill step at Llama-2-7B widths, default TACTICS."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "benchmarks/sass_profile.py", "--specs"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    usage = json.loads(r.stdout)
+    assert len(usage) >= 7
+    for name, u in usage.items():
+        if name != "prefill fp8 cache, fp16 model":  # 4 bytes at 255 registers, known (BENCHMARKS.md)
+            assert u["spill_stores"] == 0 and u["spill_loads"] == 0, (name, u)
