@@ -85,9 +85,9 @@ def _attention_families(model: ModelConfig, build: BuildConfig, device: str, dty
     n = max(4, min(build.max_num_tokens, 4096) // 4)
     prefill_cases = [batch([n] * 4, [n] * 4)]
     decode_keys = ("decode_block_n", "decode_num_warps", "decode_num_stages")
-    # stages 1: no shared-memory pipeline. Triton pipelines the K/V loads through cp.async only for some
-    # dtypes (offline sm_90 compiles: 1-byte K/V yes, at 146 registers a program vs 128 unpipelined), and
-    # with a few tiles per program occupancy may matter more than pipelining
+    # stages 1: no cp.async pipeline, K/V loaded straight into registers. With a few tiles per program
+    # occupancy may matter more than pipelining (offline sm_90, fp8 64-token tiles: 128 registers a program
+    # unpipelined, 146 at stages 2)
     decode_grid = list(itertools.product((32, 64, 128), (4, 8), (1, 2, 3)))
     if kv_quant is not None:
         # 1-byte K/V: the conversions and byte-wise shared-memory reads bound the kernel, not DRAM, and
