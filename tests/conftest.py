@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,6 @@ def pytest_collection_modifyitems(config, items):
 def _require_smol() -> Path:
     """The bundled GGUF; skips where it is not installed (the GPU machine) unless LLMC_TEST_REQUIRE_SMOL=1
     (``make test`` sets it, so CI fails instead of skipping)."""
-    import os
-
     from llmc.convert.resolve import resolve_alias
     from llmc.errors import CheckpointError
 

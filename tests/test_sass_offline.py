@@ -19,16 +19,14 @@ pytestmark = pytest.mark.skipif(not PTXAS.is_file(), reason="this triton wheel s
 
 
 def profile(kv: str, group: int, head_dim: int) -> dict:
-    """Compile with the tiles ``paged_decode`` would launch (its TACTICS defaults, fitted to shared memory)."""
+    """Compile with the tiles ``paged_decode`` launches (``decode_tiles``: TACTICS fitted to shared memory)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = f"""
 import json, subprocess, sys
 from llmc.plugins import triton_kernels as tk
-t = "decode_q8_" if {kv!r} != "bf16" else "decode_"
-gpad = max(16, tk._pow2({group}))
-_, bn, st = tk._fit_tiles(gpad, tk.TACTICS[t + "block_n"], tk.TACTICS[t + "num_stages"], {head_dim}, 2)
+_, bn, warps, st = tk.decode_tiles({group}, {head_dim}, {kv!r} != "bf16", 2)  # bf16 q: 2-byte dot tiles
 sys.argv = ["sass_profile", "--json", "--kv", {kv!r}, "--block-n", str(bn), "--stages", str(st),
-            "--warps", str(tk.TACTICS[t + "num_warps"]), "--group", "{group}", "--head-dim", "{head_dim}"]
+            "--warps", str(warps), "--group", "{group}", "--head-dim", "{head_dim}"]
 sys.path.insert(0, "benchmarks")
 import sass_profile
 sass_profile.main()

@@ -191,6 +191,26 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -
 
 
 # ============================================================================ decode attention
+@triton.jit
+def _fold_v_scales(p, v_sc, P_NORM: tl.constexpr):
+    """``(p * s, s_top)`` for a quantized V with per-token scales ``s``: sum_n p_n (v_n s_n) = sum_n (p_n s_n) v_n.
+    With ``P_NORM`` (fp16 dots) the scales enter relative to the tile's largest ``s_top``, by which the
+    caller multiplies the tile's pv, so the probabilities keep flash attention's [0, 1] range (fp16 flushes
+    p * s to zero for small V); else ``s_top`` is 1."""
+    if P_NORM:
+        top = tl.maximum(tl.max(v_sc, axis=0), 1e-30)
+        p = p * (v_sc * (1.0 / top))[None, :]
+    else:
+        top = 1.0
+        p = p * v_sc[None, :]
+    return p, top
+
+
+def _p_norm(quant: bool, ieee: bool, q: torch.Tensor) -> bool:
+    """Whether a quantized cache's V scales must enter relative to the tile's largest: fp16 dots."""
+    return quant and not ieee and q.dtype == torch.float16
+
+
 # Triton specializes integer arguments equal to 1 or divisible by 16; arguments that change from step to step
 # (counts, the block-table width) are exempt, or a new value would stall a running server on a JIT compile.
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
@@ -205,10 +225,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_pt
                    P_NORM: tl.constexpr):
     """One (sequence, KV head, split): the query group of that KV head against one slice of the context.
     Scores live in the log2 domain (``qk_scale`` includes log2(e)) so the softmax uses exp2. ``QUANT``:
-    K/V are fp8/int8 with per-(token, head) scales at ``ks_ptr``/``vs_ptr``; the dots run in q's dtype. The
-    V scales go into the probabilities; for fp16 dots (``P_NORM``) relative to the tile's largest, so the
-    probabilities keep flash attention's [0, 1] range (fp16 flushes p * scale to zero for small V) and the
-    tile's pv is rescaled once."""
+    K/V are fp8/int8 with per-(token, head) scales at ``ks_ptr``/``vs_ptr``; the dots run in q's dtype, the
+    V scales folded into the probabilities (``_fold_v_scales``)."""
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -270,11 +288,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_pt
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if P_NORM:  # sum_n p_n (v_n * s_n) = s_top * sum_n (p_n s_n / s_top) v_n
-            v_top = tl.maximum(tl.max(v_sc, axis=0), 1e-30)
-            p = p * (v_sc * (1.0 / v_top))[None, :]
-        elif QUANT:  # sum_n p_n (v_n * s_n) = sum_n (p_n s_n) v_n
-            p = p * v_sc[None, :]
+        if QUANT:
+            p, v_top = _fold_v_scales(p, v_sc, P_NORM)
         if USE_DOT:
             if IEEE:
                 pv = tl.dot(p, v, input_precision="ieee")
@@ -365,6 +380,16 @@ def _tile_esize(q: torch.Tensor, k_cache: torch.Tensor, ieee: bool) -> int:
     return q.element_size() if k_cache.element_size() == 1 else k_cache.element_size()
 
 
+def decode_tiles(group: int, head_dim: int, quant: bool, esize: int) -> tuple[int, int, int, int]:
+    """(query rows padded, BLOCK_N, warps, stages) of a decode launch from ``TACTICS`` (1-byte caches have
+    their own ``decode_q8_*`` tiles), fitted to shared memory; ``esize``: bytes per element of the dots' tiles."""
+    gpad = max(16, _pow2(group)) if TACTICS["decode_use_dot"] else _pow2(group)
+    tiles = "decode_q8_" if quant else "decode_"
+    _, block_n, stages = _fit_tiles(gpad, TACTICS[tiles + "block_n"], TACTICS[tiles + "num_stages"], head_dim,
+                                    esize)
+    return gpad, block_n, TACTICS[tiles + "num_warps"], stages
+
+
 def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor,
                  decode_only: bool = True, num_splits: int | None = None, k_scale=None, v_scale=None) -> None:
     """Write ``out`` for every sequence with one new token (all of them when ``decode_only``)."""
@@ -374,12 +399,9 @@ def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
     group = Hq // Hkv
     nsplit = num_splits or decode_num_splits(S, Hkv, meta.max_seq_len)
     use_dot = bool(TACTICS["decode_use_dot"])
-    gpad = max(16, _pow2(group)) if use_dot else _pow2(group)
     ks, vs, stride_sb, stride_ss, quant, _, _ = _scale_args(k_cache, k_scale, v_scale)
     ieee = _compute_mode(q, k_cache)
-    esize = _tile_esize(q, k_cache, ieee)
-    tiles = "decode_q8_" if quant else "decode_"
-    _, block_n, stages = _fit_tiles(gpad, TACTICS[tiles + "block_n"], TACTICS[tiles + "num_stages"], D, esize)
+    gpad, block_n, warps, stages = decode_tiles(group, D, quant, _tile_esize(q, k_cache, ieee))
     if nsplit > 1:
         ws_m = torch.empty((S, Hq, nsplit), dtype=torch.float32, device=q.device)
         ws_l = torch.empty_like(ws_m)
@@ -393,8 +415,7 @@ def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
         v_cache.stride(2), meta.block_tables.stride(0), stride_sb, stride_ss,
         NUM_Q_HEADS=Hq, GROUP=group, GROUP_PAD=gpad, D=D, PAGE=page, BLOCK_N=block_n,
         DECODE_ONLY=decode_only, SPLIT=nsplit > 1, USE_DOT=use_dot, IEEE=ieee, QUANT=quant,
-        P_NORM=quant and not ieee and q.dtype == torch.float16, num_warps=TACTICS[tiles + "num_warps"],
-        num_stages=stages)
+        P_NORM=_p_norm(quant, ieee, q), num_warps=warps, num_stages=stages)
     if nsplit > 1:
         _decode_merge_kernel[(S, Hq)](
             ws_m, ws_l, ws_acc, out, meta.query_start_loc, nsplit, out.stride(0), out.stride(1),
@@ -409,8 +430,8 @@ def _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, 
                   IEEE: tl.constexpr, QUANT: tl.constexpr, P_NORM: tl.constexpr):
     """Fold keys ``n0 .. n0 + BLOCK_N`` (gathered through the block table) into the online softmax.
     Unmasked tiles lie entirely below every row's position, so they skip both the bounds and causal mask.
-    ``QUANT``: dequantize as in ``_decode_kernel`` (K scale on the scores, V scale on the probabilities,
-    relative to the tile's largest for fp16 dots: ``P_NORM``)."""
+    ``QUANT``: dequantize as in ``_decode_kernel`` (K scale on the scores, V scale on the probabilities:
+    ``_fold_v_scales``)."""
     offs_d = tl.arange(0, D)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     if MASKED:
@@ -456,11 +477,8 @@ def _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, 
     p = tl.exp2(qk - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if P_NORM:
-        v_top = tl.maximum(tl.max(v_sc, axis=0), 1e-30)
-        p = p * (v_sc * (1.0 / v_top))[None, :]
-    elif QUANT:
-        p = p * v_sc[None, :]
+    if QUANT:
+        p, v_top = _fold_v_scales(p, v_sc, P_NORM)
     if IEEE:
         pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
     else:
@@ -554,8 +572,7 @@ def paged_prefill(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, ou
         v_cache.stride(2), meta.block_tables.stride(0), stride_sb, stride_ss,
         GROUP=Hq // k_cache.shape[2], D=D, PAGE=k_cache.shape[1], BLOCK_M=bm, BLOCK_N=bn,
         SEARCH_STEPS=_search_steps(S), SKIP_DECODE=skip_decode, IEEE=ieee, QUANT=quant,
-        P_NORM=quant and not ieee and q.dtype == torch.float16,
-        num_warps=TACTICS["prefill_num_warps"], num_stages=stages)
+        P_NORM=_p_norm(quant, ieee, q), num_warps=TACTICS["prefill_num_warps"], num_stages=stages)
 
 
 @register("paged_attention")
