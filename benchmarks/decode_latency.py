@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from llmc.config import KV_CACHE_DTYPES  # noqa: E402
 from llmc.plugins import ops  # noqa: E402
 from llmc.runtime.engine import LLMEngine  # noqa: E402
+from llmc.runtime.model_runner import kv_bytes_per_block  # noqa: E402
 from llmc.runtime.sampling_params import SamplingParams  # noqa: E402
 
 
@@ -147,9 +148,7 @@ def main() -> None:
     wbytes = weight_bytes(eng.runner.model)
     c = eng.engine.model
     ctx = a.prompt_len + a.steps / 2
-    kv_elem = torch.empty(0, dtype=eng.runner.kv_dtype).element_size() + (4 / c.head_dim if eng.runner.kv_quantized
-                                                                           else 0)  # + a scale per head row
-    kv_bytes = a.batch * ctx * 2 * c.num_hidden_layers * c.kv_size * kv_elem
+    kv_bytes = a.batch * ctx * kv_bytes_per_block(c, 1, eng.runner.kv_dtype, eng.runner.kv_quantized)
     floor_ms = (wbytes + kv_bytes) / bw * 1e3
     res = {"engine": a.engine, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
            "batch": a.batch, "prompt_len": a.prompt_len, "steps": a.steps, "bandwidth_GBps": bw / 1e9,

@@ -113,12 +113,14 @@ def _contiguous_from_paged(cache: torch.Tensor, meta, batch: int, ctx: int) -> t
 
 
 def decode_case(impl, batch=64, ctx=4096) -> dict:
+    from llmc.plugins.kv_layout import kv_bytes_per_token_head
+
     q, kc, vc, meta, ref, scales = _decode_data(batch, ctx)
     scale = D ** -0.5
     out = impl.paged_attention(q, kc, vc, meta, scale, *scales)
     err = (out.float() - ref.float()).abs().max().item()
     ms = bench_ms(lambda: impl.paged_attention(q, kc, vc, meta, scale, *scales), warmup=50, rep=300)
-    kv_bytes = 2 * batch * ctx * HKV * (D * kc.element_size() + (4 if scales else 0))
+    kv_bytes = batch * ctx * HKV * kv_bytes_per_token_head(D, kc.dtype, bool(scales))
     res = {"batch": batch, "ctx": ctx, "kv_dtype": str(kc.dtype), "ms": ms, "GBps": kv_bytes / ms / 1e6,
            "max_abs_err_vs_sdpa": err}
     if hasattr(impl, "decode_num_splits"):
