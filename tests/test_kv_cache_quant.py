@@ -20,7 +20,7 @@ from llmc.build.engine import load_engine  # noqa: E402
 from llmc.config import BuildConfig, ModelConfig  # noqa: E402
 from llmc.errors import ConfigError  # noqa: E402
 from llmc.plugins import reference  # noqa: E402
-from llmc.plugins.kv_layout import KVCache, kv_storage_dtype  # noqa: E402
+from llmc.plugins.kv_layout import KVCache, as_bytes, kv_storage_dtype  # noqa: E402
 from llmc.plugins.metadata import AttentionMetadata  # noqa: E402
 from llmc.runtime.model_runner import ModelRunner, ScheduledSeq, kv_bytes_per_block  # noqa: E402
 from llmc.runtime.sequence import Sequence  # noqa: E402
@@ -38,10 +38,6 @@ def tk():
     from llmc.plugins import triton_kernels
 
     return triton_kernels
-
-
-def as_bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.uint8) if t.dtype == FP8 else t
 
 
 def step_bound(ref: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -210,7 +206,7 @@ def test_write_kv_quantized_matches_reference(kv_dtype):
         torch.testing.assert_close(sc, rsc, rtol=1e-6, atol=0)
         got, want = reference.dequantize_kv(cache, sc), reference.dequantize_kv(rcache, rsc)
         assert ((got - want).abs() <= step_bound(want, rsc, kv_dtype)).all()
-        same = (as_bits(cache) == as_bits(rcache)).float().mean().item()
+        same = (as_bytes(cache) == as_bytes(rcache)).float().mean().item()
         assert same == 1.0 if not CUDA else same > 0.99, same  # the interpreter divides exactly, as torch
     assert torch.equal(ref.k_scale.view(-1, H)[slots[2]], torch.full((H,), 1e-12, device=DEV))
 
@@ -360,9 +356,9 @@ def test_copy_blocks_copies_scales(tiny_engines):
     r.copy_blocks([(3, 11), (4, 12)])
     for kv, old in zip(r.kv_caches, before):
         for t, o in zip(kv, old):
-            assert torch.equal(as_bits(t[11]), as_bits(o[3])) and torch.equal(as_bits(t[12]), as_bits(o[4]))
-            assert torch.equal(as_bits(t[3]), as_bits(o[3]))  # sources untouched
-            assert not torch.equal(as_bits(o[11]), as_bits(o[3]))  # the copy changed something
+            assert torch.equal(as_bytes(t[11]), as_bytes(o[3])) and torch.equal(as_bytes(t[12]), as_bytes(o[4]))
+            assert torch.equal(as_bytes(t[3]), as_bytes(o[3]))  # sources untouched
+            assert not torch.equal(as_bytes(o[11]), as_bytes(o[3]))  # the copy changed something
 
 
 # ---------------------------------------------------------------------------- (4) capacity
@@ -432,7 +428,7 @@ def test_write_kv_quantized_large_gpu(kv_dtype):
         torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
         want = reference.dequantize_kv(rc, rs)
         assert ((reference.dequantize_kv(c, s) - want).abs() <= step_bound(want, rs, kv_dtype)).all()
-        assert (as_bits(c) == as_bits(rc)).float().mean() > 0.99
+        assert (as_bytes(c) == as_bytes(rc)).float().mean() > 0.99
 
 
 @gpu

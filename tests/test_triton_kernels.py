@@ -22,6 +22,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed: the Trit
 from llmc.plugins import reference  # noqa: E402
 from llmc.plugins import triton_kernels as tk  # noqa: E402
 from llmc.plugins.act_quant import QuantizedRows  # noqa: E402
+from llmc.plugins.kv_layout import as_bytes  # noqa: E402
 from llmc.plugins.metadata import AttentionMetadata  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -235,10 +236,6 @@ def test_small_fused_ops_match_reference(dtype):
         torch.testing.assert_close(got, want, **tol)
 
 
-def _bits(t):
-    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
-
-
 def _kv_pools(nb, page, hk, d, cache_dtype):
     """Zeroed caches (+ scale pools for a quantized cache), so untouched slots must stay zero."""
     quant = cache_dtype in (torch.float8_e4m3fn, torch.int8)
@@ -270,7 +267,7 @@ def test_rope_write_kv_matches_unfused_and_reference(dtype, cache):
     assert torch.equal(q_fused, q_unfused)
     for a, b in zip(fused, unfused):
         if a is not None:
-            assert torch.equal(_bits(a), _bits(b))
+            assert torch.equal(as_bytes(a), as_bytes(b))
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=TOL[dtype], rtol=TOL[dtype])
     torch.testing.assert_close(q_fused.float(), q_ref.float(), **tol)
     if want[2] is None:
@@ -319,13 +316,13 @@ def test_quantizing_producers_match_unfused_and_reference(dtype, method, smooth)
 
     got = tk.rms_norm_quant(x, w, 1e-5, method, isc)
     unf = qg.quantize_activations(tk.rms_norm(x, w, 1e-5), method, isc)
-    assert torch.equal(_bits(got.q), _bits(unf[0])) and torch.equal(got.scale, unf[1])
+    assert torch.equal(as_bytes(got.q), as_bytes(unf[0])) and torch.equal(got.scale, unf[1])
     _check_quantized_rows(got, reference.rms_norm_quant(x, w, 1e-5, method, isc), method)
 
     got, res = tk.fused_add_rms_norm_quant(x, r, w, 1e-5, method, isc)
     normed, res_unf = tk.fused_add_rms_norm(x, r, w, 1e-5)
     unf = qg.quantize_activations(normed, method, isc)
-    assert torch.equal(_bits(got.q), _bits(unf[0])) and torch.equal(got.scale, unf[1]) and torch.equal(res, res_unf)
+    assert torch.equal(as_bytes(got.q), as_bytes(unf[0])) and torch.equal(got.scale, unf[1]) and torch.equal(res, res_unf)
     want, res_ref = reference.fused_add_rms_norm_quant(x, r, w, 1e-5, method, isc)
     _check_quantized_rows(got, want, method)
     torch.testing.assert_close(res, res_ref, atol=TOL[dtype], rtol=TOL[dtype])
@@ -335,7 +332,7 @@ def test_quantizing_producers_match_unfused_and_reference(dtype, method, smooth)
         got = tk.silu_and_mul_quant(gu, method, isc_i)
         unf = qg.quantize_activations(tk.silu_and_mul(gu), method, isc_i)
         if CUDA:
-            assert torch.equal(_bits(got.q), _bits(unf[0])) and torch.equal(got.scale, unf[1])
+            assert torch.equal(as_bytes(got.q), as_bytes(unf[0])) and torch.equal(got.scale, unf[1])
         else:  # the interpreter's exp (numpy) may differ by an ulp between the two kernels' block shapes
             _check_quantized_rows(got, QuantizedRows(*unf, gu.dtype), method)
         _check_quantized_rows(got, reference.silu_and_mul_quant(gu, method, isc_i), method)
@@ -419,4 +416,4 @@ def test_small_ops_large_gpu():
         qu, kr = m.rotary_embedding(pos, q, k, cs)
         m.write_kv(kr, v, *unfused[:2], slots, *unfused[2:])
         assert torch.equal(qf, qu)
-        assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(fused, unfused) if a is not None)
+        assert all(torch.equal(as_bytes(a), as_bytes(b)) for a, b in zip(fused, unfused) if a is not None)

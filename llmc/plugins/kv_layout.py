@@ -36,6 +36,11 @@ class KVCache(NamedTuple):
         return self.k_scale is not None
 
 
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors viewed as uint8 (same bytes): some torch builds lack indexing ops for float8."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
 def kv_storage_dtype(kv_cache_dtype: str, device: torch.device | str) -> torch.dtype | None:
     """The element dtype of a ``--kv-cache-dtype`` cache on ``device`` (None: the compute dtype).
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from llmc.plugins.act_quant import QuantizedRows, quantize_rows
-from llmc.plugins.kv_layout import KV_QMAX, KV_SCALE_FLOOR
+from llmc.plugins.kv_layout import KV_QMAX, KV_SCALE_FLOOR, as_bytes
 from llmc.plugins.metadata import AttentionMetadata
 
 
@@ -30,11 +30,6 @@ def dequantize_kv(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale[..., None]
 
 
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    """fp8 tensors as uint8, for indexing ops that some torch builds lack for float8."""
-    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
-
-
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
              v_scale: torch.Tensor | None = None) -> None:
@@ -47,7 +42,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             cache.view(-1, *cache.shape[2:])[slots] = x[keep].to(cache.dtype)
             continue
         q, s = quantize_kv(x[keep], cache.dtype)
-        _bytes(cache).view(-1, *cache.shape[2:])[slots] = _bytes(q)
+        as_bytes(cache).view(-1, *cache.shape[2:])[slots] = as_bytes(q)
         scales.view(-1, scales.shape[2])[slots] = s
 
 

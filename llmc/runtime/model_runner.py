@@ -21,7 +21,7 @@ from llmc.convert.checkpoint import TORCH_DTYPES
 from llmc.errors import CheckpointError, ConfigError
 from llmc.models.llama import LlamaForCausalLM
 from llmc.plugins import ops
-from llmc.plugins.kv_layout import KVCache, allocate_kv_cache, kv_bytes_per_token_head, kv_storage_dtype
+from llmc.plugins.kv_layout import KVCache, allocate_kv_cache, as_bytes, kv_bytes_per_token_head, kv_storage_dtype
 from llmc.plugins.metadata import AttentionMetadata
 from llmc.runtime.sequence import Sequence
 
@@ -240,7 +240,7 @@ class ModelRunner:
         for kv in self.kv_caches:
             for t in kv:
                 if t is not None:
-                    t = t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t  # index ops lack fp8 in places
+                    t = as_bytes(t)
                     t[dst] = t[src]
 
 
