@@ -9,8 +9,9 @@
   ``scaled_dot_product_attention`` on the same shapes in contiguous layout, same data (outputs compared).
 
 ``--sweep`` also times a small grid of ``llmc.plugins.triton_kernels.TACTICS`` variants and reports the best of each (what a build-time tuner would store).
-``--kv-dtype fp8|int8`` stores the decode K/V quantized (per-(token, head) scales, as ``--kv-cache-dtype``);
-GB/s then counts the 1-byte values plus the scales. ``--decode-shapes BxCTX,...`` adds decode cases (and sweeps
+``--kv-dtype fp8|int8`` stores the K/V quantized (decode and prefill) (per-(token, head) scales, as ``--kv-cache-dtype``);
+GB/s then counts the 1-byte values plus the scales, V in the engine's head_dim-major pages (``--v-rowmajor``:
+row-major, to compare). ``--decode-shapes BxCTX,...`` adds decode cases (and sweeps
 each of them); ``--decode-only`` skips prefill.
 Each case is guarded: a failure is reported in the JSON instead of ending the run.
 """
@@ -75,7 +76,8 @@ def paged_from_contiguous(ks: torch.Tensor, vs: torch.Tensor, q_lens: list[int])
 _DATA: dict = {}
 
 
-KV_DTYPE: torch.dtype | None = None  # --kv-dtype: quantized decode cache
+KV_DTYPE: torch.dtype | None = None  # --kv-dtype: quantized K/V cache
+V_ROWMAJOR = False  # --v-rowmajor: 1-byte V pages row-major instead of the engine's head_dim-major layout
 
 
 def _decode_data(batch: int, ctx: int):
@@ -89,20 +91,28 @@ def _decode_data(batch: int, ctx: int):
         ks = torch.randn(batch, HKV, ctx, D, device="cuda", dtype=DTYPE)
         vs = torch.randn_like(ks)
         kc, vc, meta = paged_from_contiguous(ks, vs, [1] * batch)
-        scales: tuple = ()
-        if KV_DTYPE is not None:  # quantize the paged pools, and give SDPA the dequantized values
-            from llmc.plugins.reference import dequantize_kv, quantize_kv
-
-            (kc, k_sc), (vc, v_sc) = quantize_kv(kc, KV_DTYPE), quantize_kv(vc, KV_DTYPE)
-            scales = (k_sc, v_sc)
-            ks = _contiguous_from_paged(dequantize_kv(kc, k_sc).to(DTYPE), meta, batch, ctx)
-            vs = _contiguous_from_paged(dequantize_kv(vc, v_sc).to(DTYPE), meta, batch, ctx)
+        kc, vc, scales, ks, vs = _quantized(kc, vc, ks, vs, meta)
         # same math through SDPA: one query row per sequence sees its whole context (GQA: repeat K/V)
         rep = HQ // HKV
         ref = F.scaled_dot_product_attention(q.view(batch, HQ, 1, D), ks.repeat_interleave(rep, 1),
                                              vs.repeat_interleave(rep, 1), scale=D ** -0.5).view(batch, HQ, D)
         _DATA[key] = (q, kc, vc, meta, ref, scales)
     return _DATA[key]
+
+
+def _quantized(kc, vc, ks, vs, meta):
+    """With ``--kv-dtype fp8|int8``: the paged pools quantized (V in the engine's page layout unless
+    ``--v-rowmajor``), their scales, and the dequantized contiguous K/V that SDPA gets; else all unchanged."""
+    if KV_DTYPE is None:
+        return kc, vc, (), ks, vs
+    from llmc.plugins.kv_layout import v_cache_layout
+    from llmc.plugins.reference import dequantize_kv, quantize_kv
+
+    batch, _, ctx, _ = ks.shape
+    (kc, k_sc), (vc, v_sc) = quantize_kv(kc, KV_DTYPE), quantize_kv(vc, KV_DTYPE)
+    ks = _contiguous_from_paged(dequantize_kv(kc, k_sc).to(DTYPE), meta, batch, ctx)
+    vs = _contiguous_from_paged(dequantize_kv(vc, v_sc).to(DTYPE), meta, batch, ctx)
+    return kc, (vc if V_ROWMAJOR else v_cache_layout(vc)), (k_sc, v_sc), ks, vs
 
 
 def _contiguous_from_paged(cache: torch.Tensor, meta, batch: int, ctx: int) -> torch.Tensor:
@@ -141,6 +151,7 @@ def _prefill_data(n_seq: int, L: int):
         ks = torch.randn(n_seq, HKV, L, D, device="cuda", dtype=DTYPE)
         vs = torch.randn_like(ks)
         kc, vc, meta = paged_from_contiguous(ks, vs, [L] * n_seq)
+        kc, vc, scales, ks, vs = _quantized(kc, vc, ks, vs, meta)
         q = qs.transpose(1, 2).reshape(n_seq * L, HQ, D).contiguous()
         try:
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -154,18 +165,18 @@ def _prefill_data(n_seq: int, L: int):
             ref = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=D ** -0.5)
             sdpa = bench_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=D ** -0.5))
         ref = ref.transpose(1, 2).reshape(n_seq * L, HQ, D)
-        _DATA[key] = (q, kc, vc, meta, ref, sdpa, backend)
+        _DATA[key] = (q, kc, vc, meta, ref, sdpa, backend, scales)
     return _DATA[key]
 
 
 def prefill_case(impl, n_seq, L) -> dict:
-    q, kc, vc, meta, ref, sdpa, backend = _prefill_data(n_seq, L)
+    q, kc, vc, meta, ref, sdpa, backend, scales = _prefill_data(n_seq, L)
     scale = D ** -0.5
-    out = impl.paged_attention(q, kc, vc, meta, scale)
+    out = impl.paged_attention(q, kc, vc, meta, scale, *scales)
     err = (out.float() - ref.float()).abs().max().item()
-    ours = bench_ms(lambda: impl.paged_attention(q, kc, vc, meta, scale))
+    ours = bench_ms(lambda: impl.paged_attention(q, kc, vc, meta, scale, *scales))
     flops = 4 * n_seq * HQ * L * L * D / 2  # causal: half of QK^T and PV
-    return {"seqs": n_seq, "len": L, "llmc_ms": ours, "sdpa_ms": sdpa, "sdpa_backend": backend,
+    return {"seqs": n_seq, "len": L, "kv_dtype": str(kc.dtype), "llmc_ms": ours, "sdpa_ms": sdpa, "sdpa_backend": backend,
             "ratio_llmc_over_sdpa": ours / sdpa, "llmc_TFLOPs": flops / ours / 1e9,
             "sdpa_TFLOPs": flops / sdpa / 1e9, "max_abs_err_vs_sdpa": err}
 
@@ -221,11 +232,14 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time TACTICS variants")
     ap.add_argument("--quick", action="store_true", help="decode and 8x2048 prefill only")
     ap.add_argument("--kv-dtype", choices=["bf16", "fp8", "int8"], default="bf16",
-                    help="decode K/V storage (fp8/int8: per-(token, head) scales, as --kv-cache-dtype)")
+                    help="K/V cache storage (fp8/int8: per-(token, head) scales, as --kv-cache-dtype)")
     ap.add_argument("--decode-shapes", default="", help="extra decode cases BATCHxCTX,... (swept too)")
     ap.add_argument("--decode-only", action="store_true", help="no prefill cases")
+    ap.add_argument("--v-rowmajor", action="store_true",
+                    help="1-byte V pages row-major (the layout before head_dim-major V pages), to compare")
     args = ap.parse_args()
-    global KV_DTYPE
+    global KV_DTYPE, V_ROWMAJOR
+    V_ROWMAJOR = args.v_rowmajor
     KV_DTYPE = {"bf16": None, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[args.kv_dtype]
     shapes_extra = [tuple(int(v) for v in s.split("x")) for s in args.decode_shapes.split(",") if s]
     if not torch.cuda.is_available():
@@ -236,7 +250,8 @@ def main() -> None:
     from llmc.plugins import triton_kernels as impl
     res: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                  "impl": impl.__name__, "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "page": PAGE,
-                                                  "dtype": str(DTYPE), "kv_dtype": args.kv_dtype},
+                                                  "dtype": str(DTYPE), "kv_dtype": args.kv_dtype,
+                                                  "v_rowmajor": args.v_rowmajor},
                  "tactics": dict(getattr(impl, "TACTICS", {}))}
     res["copy"] = guarded(copy_bandwidth)
     res["decode_b64_ctx4096"] = guarded(decode_case, impl)

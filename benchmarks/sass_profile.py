@@ -52,15 +52,25 @@ def compile_kernel(fn, ptrs: dict[str, str], const: dict, warps: int = 4, stages
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
+def v_strides(quant: bool, v_rowmajor: bool = False, write: bool = False) -> dict:
+    """The V-pool stride a launch passes as 1 (Triton specializes it to a constant): head_dim's in row-major
+    pages, the token row's in the head_dim-major pages of 1-byte caches (``kv_layout.py``); for the
+    attention kernels also their ``V_DMAJOR``."""
+    dmajor = quant and not v_rowmajor
+    if write:
+        return {"stride_vcs" if dmajor else "stride_vcd": 1}
+    return {"stride_vs" if dmajor else "stride_vd": 1, "V_DMAJOR": dmajor}
+
+
 def compile_decode(kv: str = "bf16", block_n: int = 64, warps: int = 4, stages: int = 2, heads: int = 32,
-                   group: int = 1, head_dim: int = 128, page: int = 16, arch: int = 90):
+                   group: int = 1, head_dim: int = 128, page: int = 16, arch: int = 90, v_rowmajor: bool = False):
     """``_decode_kernel`` as ``paged_decode`` launches it for a bf16 model (decode-only batch, no split)."""
     from llmc.plugins import triton_kernels as tk
 
     quant = kv != "bf16"
     const = dict(NUM_Q_HEADS=heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=head_dim,
                  PAGE=page, BLOCK_N=block_n, DECODE_ONLY=True, SPLIT=False, USE_DOT=True, IEEE=False,
-                 QUANT=quant, P_NORM=False)
+                 QUANT=quant, P_NORM=tk._p_norm(quant, False), **v_strides(quant, v_rowmajor))
     ptrs = {"q_ptr": "*bf16", "out_ptr": "*bf16", "kc_ptr": _KV_TYPES[kv], "vc_ptr": _KV_TYPES[kv],
             "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32", "ws_acc_ptr": "*fp32", "bt_ptr": "*i32",
             "seqlen_ptr": "*i32", "qsl_ptr": "*i32", "ks_ptr": "*fp32", "vs_ptr": "*fp32"}
@@ -79,18 +89,20 @@ def kernel_specs() -> dict[str, tuple]:
         tk._prefill_kernel, {"q_ptr": q, "out_ptr": q, "kc_ptr": kv, "vc_ptr": kv, "bt_ptr": "*i32",
                              "seqlen_ptr": "*i32", "qsl_ptr": "*i32", "ks_ptr": "*fp32", "vs_ptr": "*fp32"},
         dict(GROUP=4, D=128, PAGE=16, BLOCK_M=t["prefill_block_m"], BLOCK_N=t["prefill_block_n"], SEARCH_STEPS=12,
-             SKIP_DECODE=True, IEEE=False, QUANT=quant, P_NORM=p_norm),
+             SKIP_DECODE=True, IEEE=False, QUANT=quant, P_NORM=p_norm, **v_strides(quant)),
         t["prefill_num_warps"], t["prefill_num_stages"], ("qk_scale",))
     return {
         "prefill bf16 cache": prefill("*bf16", "*bf16", False, False),
-        "prefill fp8 cache": prefill("*bf16", "*fp8e4nv", True, False),
+        "prefill fp8 cache": prefill("*bf16", "*fp8e4nv", True, True),
         "prefill fp8 cache, fp16 model": prefill("*fp16", "*fp8e4nv", True, True),
         "write_kv fp8": (tk._write_kv_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "slot_ptr": "*i64", **kv8},
-                         dict(PAGE=16, H=32, H_PAD=32, D=128, D_PAD=128, **fp8_kv), t["small_num_warps"], 1, ()),
+                         dict(PAGE=16, H=32, H_PAD=32, D=128, D_PAD=128, **fp8_kv, **v_strides(True, write=True)),
+                         t["small_num_warps"], 1, ()),
         "rope_write_kv fp8": (tk._rope_write_kv_kernel,
                               {"pos_ptr": "*i64", "q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16",
                                "qo_ptr": "*bf16", "slot_ptr": "*i64", "cs_ptr": "*fp32", **kv8},
-                              dict(HQ=32, HQ_PAD=32, HK=8, HK_PAD=8, HALF=64, PAGE=16, **fp8_kv),
+                              dict(HQ=32, HQ_PAD=32, HK=8, HK_PAD=8, HALF=64, PAGE=16, **fp8_kv,
+                                   **v_strides(True, write=True)),
                               t["small_num_warps"], 1, ()),
         "fused_add_rms_norm_quant fp8": (tk._rms_norm_kernel,
                                          {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16",
@@ -147,6 +159,7 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--group", type=int, default=1, help="query heads per KV head (GQA)")
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--v-rowmajor", action="store_true", help="1-byte V pages row-major (not the engine's layout)")
     ap.add_argument("--json", action="store_true", help="one JSON object instead of a summary")
     ap.add_argument("--specs", action="store_true",
                     help="compile every kernel of kernel_specs() instead; JSON of each one's ptxas usage")
@@ -155,9 +168,10 @@ def main() -> None:
         print(json.dumps({name: ptxas_usage(compile_kernel(*spec)) for name, spec in kernel_specs().items()},
                          indent=1))
         return
-    k = compile_decode(a.kv, a.block_n, a.warps, a.stages, group=a.group, head_dim=a.head_dim)
+    k = compile_decode(a.kv, a.block_n, a.warps, a.stages, group=a.group, head_dim=a.head_dim,
+                       v_rowmajor=a.v_rowmajor)
     mix = loop_mix(k)
-    res = {"kv": a.kv, "block_n": a.block_n, "warps": a.warps, "stages": a.stages, "group": a.group,
+    res = {"kv": a.kv, "v_rowmajor": a.v_rowmajor, "block_n": a.block_n, "warps": a.warps, "stages": a.stages, "group": a.group,
            "head_dim": a.head_dim, **ptxas_usage(k),
            "loop_instructions": sum(mix.values()), "loop_mix": dict(mix.most_common())}
     if a.json:

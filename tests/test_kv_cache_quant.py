@@ -20,7 +20,7 @@ from llmc.build.engine import load_engine  # noqa: E402
 from llmc.config import BuildConfig, ModelConfig  # noqa: E402
 from llmc.errors import ConfigError  # noqa: E402
 from llmc.plugins import reference  # noqa: E402
-from llmc.plugins.kv_layout import KVCache, as_bytes, kv_storage_dtype  # noqa: E402
+from llmc.plugins.kv_layout import KVCache, allocate_kv_cache, as_bytes, kv_storage_dtype, v_cache_layout  # noqa: E402
 from llmc.plugins.metadata import AttentionMetadata  # noqa: E402
 from llmc.runtime.model_runner import ModelRunner, ScheduledSeq, kv_bytes_per_block  # noqa: E402
 from llmc.runtime.sequence import Sequence  # noqa: E402
@@ -94,9 +94,10 @@ def test_kv_storage_dtype_and_fp8_needs_ada_or_hopper(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- (2) Triton vs reference
-def make_batch(q_lens, ctx_lens, hq, hkv, d, page, q_dtype, kv_dtype, seed):
+def make_batch(q_lens, ctx_lens, hq, hkv, d, page, q_dtype, kv_dtype, seed, v_rowmajor=False):
     """Random q and a quantized cache (random K/V of per-token magnitudes quantized by the reference) with
-    scrambled block tables and spare blocks."""
+    scrambled block tables and spare blocks; V in the engine's page layout (head_dim-major, ``kv_layout``)
+    unless ``v_rowmajor``."""
     g = torch.Generator().manual_seed(seed)
     total_blocks = sum(-(-c // page) for c in ctx_lens) + 3
     perm = torch.randperm(total_blocks, generator=g).tolist()
@@ -112,6 +113,9 @@ def make_batch(q_lens, ctx_lens, hq, hkv, d, page, q_dtype, kv_dtype, seed):
     v = torch.randn(*shape, generator=g)
     kq, ks = reference.quantize_kv(k.to(DEV), kv_dtype)
     vq, vs = reference.quantize_kv(v.to(DEV), kv_dtype)
+    if not v_rowmajor:
+        vq = v_cache_layout(vq)
+        assert vq.stride(1) == 1 and vq.stride(3) == page
     return q, KVCache(kq, vq, ks, vs), meta
 
 
@@ -142,20 +146,34 @@ def small_tiles(monkeypatch):
         monkeypatch.setitem(mod.TACTICS, k, v)
 
 
+@pytest.mark.parametrize("v_rowmajor", [False, True], ids=["v-paged-dmajor", "v-rowmajor"])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
-def test_paged_attention_quantized_fp32(case, kv_dtype, small_tiles):
+def test_paged_attention_quantized_fp32(case, kv_dtype, v_rowmajor, small_tiles):
     q_lens, ctx, hq, hkv, page = CASES[case]
-    q, kv, meta = make_batch(q_lens, ctx, hq, hkv, 32, page, torch.float32, kv_dtype, seed=len(case))
+    q, kv, meta = make_batch(q_lens, ctx, hq, hkv, 32, page, torch.float32, kv_dtype, seed=len(case),
+                             v_rowmajor=v_rowmajor)
     check_attention(q, kv, meta)
 
 
+@pytest.mark.parametrize("v_rowmajor", [False, True], ids=["v-paged-dmajor", "v-rowmajor"])
 @pytest.mark.parametrize("q_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
-def test_paged_attention_quantized_16bit(q_dtype, kv_dtype, small_tiles):
-    """16-bit queries: the dots run in q's dtype on the converted K/V (fp16 also under the interpreter)."""
-    q, kv, meta = make_batch([9, 1, 17, 1], [40, 23, 17, 64], 6, 2, 32, 16, q_dtype, kv_dtype, seed=5)
+def test_paged_attention_quantized_16bit(q_dtype, kv_dtype, v_rowmajor, small_tiles):
+    """16-bit queries: the dots run in fp16 on the converted K/V (bf16 queries take the fp32 path under the
+    interpreter, whose bf16 dots are wrong); V in either page layout."""
+    q, kv, meta = make_batch([9, 1, 17, 1], [40, 23, 17, 64], 6, 2, 32, 16, q_dtype, kv_dtype, seed=5,
+                             v_rowmajor=v_rowmajor)
     check_attention(q, kv, meta)
+
+
+def test_bf16_queries_beyond_fp16_range_saturate_not_overflow(small_tiles):
+    """A 1-byte cache's dots run in fp16: bf16 queries above 65,504 must clamp, not become inf and NaN."""
+    q, kv, meta = make_batch([1, 5], [20, 5], 2, 2, 32, 16, torch.bfloat16, FP8, seed=8)
+    q[0, 0, 0] = 1e6
+    scale = q.shape[-1] ** -0.5
+    out = tk().paged_attention(q, kv.k, kv.v, meta, scale, kv.k_scale, kv.v_scale)
+    assert torch.isfinite(out.float()).all()
 
 
 @pytest.mark.parametrize("stages", [1, 3])
@@ -198,8 +216,10 @@ def test_write_kv_quantized_matches_reference(kv_dtype):
     slots[4] = -1  # CUDA-graph padding: writes nothing
     slot_t = torch.tensor(slots, device=DEV)
     init = [reference.quantize_kv(torch.randn(nb, page, H, D, generator=g).to(DEV), kv_dtype) for _ in range(2)]
-    ref = KVCache(init[0][0].clone(), init[1][0].clone(), init[0][1].clone(), init[1][1].clone())
+    ref = KVCache(init[0][0].clone(), v_cache_layout(init[1][0]), init[0][1].clone(), init[1][1].clone())
     out = KVCache(*(t.clone() for t in ref))
+    assert out.v.stride() == allocate_kv_cache(nb, page, H, D, kv_dtype, True, "cpu").v.stride() == (
+        H * D * page, 1, D * page, page)  # the engine's head_dim-major V pages, kept by clone
     reference.write_kv(k, v, *ref[:2], slot_t, *ref[2:])
     mod.write_kv(k, v, *out[:2], slot_t, *out[2:])
     for cache, sc, rcache, rsc in ((out.k, out.k_scale, ref.k, ref.k_scale), (out.v, out.v_scale, ref.v, ref.v_scale)):
@@ -418,9 +438,7 @@ def test_write_kv_quantized_large_gpu(kv_dtype):
     k = (torch.randn(T, H, D, generator=g) * torch.exp(torch.randn(T, H, 1, generator=g))).to(DEV, torch.bfloat16)
     v = torch.randn(T, H, D, generator=g).to(DEV, torch.bfloat16)
     slots = torch.tensor(random.Random(2).sample(range(nb * page), T), device=DEV)
-    mk = lambda: KVCache(torch.zeros(nb, page, H, D, device=DEV, dtype=kv_dtype),  # noqa: E731
-                         torch.zeros(nb, page, H, D, device=DEV, dtype=kv_dtype),
-                         torch.zeros(nb, page, H, device=DEV), torch.zeros(nb, page, H, device=DEV))
+    mk = lambda: allocate_kv_cache(nb, page, H, D, kv_dtype, True, DEV)  # noqa: E731  (the engine's layout)
     ref, out = mk(), mk()
     reference.write_kv(k, v, *ref[:2], slots, *ref[2:])
     tk().write_kv(k, v, *out[:2], slots, *out[2:])

@@ -22,7 +22,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed: the Trit
 from llmc.plugins import reference  # noqa: E402
 from llmc.plugins import triton_kernels as tk  # noqa: E402
 from llmc.plugins.act_quant import QuantizedRows  # noqa: E402
-from llmc.plugins.kv_layout import as_bytes  # noqa: E402
+from llmc.plugins.kv_layout import allocate_kv_cache, as_bytes  # noqa: E402
 from llmc.plugins.metadata import AttentionMetadata  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -237,11 +237,10 @@ def test_small_fused_ops_match_reference(dtype):
 
 
 def _kv_pools(nb, page, hk, d, cache_dtype):
-    """Zeroed caches (+ scale pools for a quantized cache), so untouched slots must stay zero."""
+    """Zeroed caches (+ scale pools for a quantized cache), so untouched slots must stay zero; in the engine's
+    layout (1-byte V pages head_dim-major)."""
     quant = cache_dtype in (torch.float8_e4m3fn, torch.int8)
-    kc = torch.zeros(nb, page, hk, d, device=DEV).to(cache_dtype)
-    scales = [torch.zeros(nb, page, hk, device=DEV) for _ in range(2)] if quant else [None, None]
-    return [kc, kc.clone(), *scales]
+    return list(allocate_kv_cache(nb, page, hk, d, cache_dtype, quant, DEV))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

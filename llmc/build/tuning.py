@@ -53,7 +53,7 @@ def _attention_families(model: ModelConfig, build: BuildConfig, device: str, dty
     from llmc.plugins import triton_kernels as tk
     from llmc.plugins.metadata import AttentionMetadata
 
-    from llmc.plugins.kv_layout import kv_storage_dtype
+    from llmc.plugins.kv_layout import kv_storage_dtype, v_cache_layout
     from llmc.plugins.reference import quantize_kv
 
     hq, hkv, d, page = model.num_attention_heads, model.num_key_value_heads, model.head_dim, build.block_size
@@ -73,6 +73,7 @@ def _attention_families(model: ModelConfig, build: BuildConfig, device: str, dty
         if kv_quant is None:
             return lambda: tk.paged_attention(q, kc, vc, meta, d ** -0.5)
         (kq, ks), (vq, vs) = quantize_kv(kc, kv_quant), quantize_kv(vc, kv_quant)
+        vq = v_cache_layout(vq)  # the page layout the engine's pools have
         return lambda: tk.paged_attention(q, kq, vq, meta, d ** -0.5, ks, vs)
 
     b = min(build.max_batch_size, 32)

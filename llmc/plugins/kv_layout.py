@@ -5,7 +5,13 @@ Per layer a K pool and a V pool shaped ``[num_blocks, block_size, num_kv_heads, 
 stores them in one byte per element plus one float32 scale per (token, KV head), pools shaped
 ``[num_blocks, block_size, num_kv_heads]``. The scale is computed when the token is written
 (max |x| over head_dim / qmax), so no calibration is needed and an outlier token or head costs only its
-own precision; attention dequantizes on read (x = q * scale) and computes in the model's dtype.
+own precision; attention dequantizes on read (x = q * scale).
+
+Pool shapes are logical: kernels and references index ``[block, row, head, d]`` through strides. A 1-byte V
+pool is stored head_dim-major within each page (physically ``[num_blocks, num_kv_heads, head_dim,
+block_size]``, strides ``(H*D*P, 1, D*P, P)``), so the probability x V dot reads token pairs that are adjacent
+bytes: row-major 1-byte V tiles had to be read from shared memory a byte at a time (``LDS.U8`` and permutes,
+1.9x bf16's instructions per tile, BENCHMARKS.md). K stays row-major: its dot reduces over head_dim.
 """
 from __future__ import annotations
 
@@ -68,13 +74,25 @@ def kv_bytes_per_token_head(head_dim: int, dtype: torch.dtype, quantized: bool) 
     return 2 * (head_dim * esize + scale)
 
 
+def v_cache_layout(v: torch.Tensor) -> torch.Tensor:
+    """``v`` (a pool ``[num_blocks, block_size, H, D]``, any strides) in the page layout caches of its dtype
+    use: 1-byte pools head_dim-major within each page, others row-major. Same values and shape."""
+    if v.element_size() != 1:
+        return v.contiguous()
+    return v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
 def allocate_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                       quantized: bool, device: torch.device | str) -> KVCache:
     """Zeroed pools for one layer (zero scales too: CUDA-graph padding rows read block 0 and must see
     finite values)."""
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k = torch.zeros(shape, dtype=dtype, device=device)
-    v = torch.zeros(shape, dtype=dtype, device=device)
+    if torch.empty((), dtype=dtype).element_size() == 1:  # allocated in place: a pool can be most of the GPU
+        v = torch.zeros((num_blocks, num_kv_heads, head_dim, block_size), dtype=dtype,
+                        device=device).permute(0, 3, 1, 2)
+    else:
+        v = torch.zeros(shape, dtype=dtype, device=device)
     if not quantized:
         return KVCache(k, v)
     return KVCache(k, v, torch.zeros(shape[:3], dtype=KV_SCALE_DTYPE, device=device),

@@ -37,13 +37,14 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     with scale pools (quantized cache), quantize each (token, head) row on the way."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
+    blk, row = slots // k_cache.shape[1], slots % k_cache.shape[1]  # (block, row) indexing: pools may be strided
     for x, cache, scales in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
         if scales is None:
-            cache.view(-1, *cache.shape[2:])[slots] = x[keep].to(cache.dtype)
+            cache[blk, row] = x[keep].to(cache.dtype)
             continue
         q, s = quantize_kv(x[keep], cache.dtype)
-        as_bytes(cache).view(-1, *cache.shape[2:])[slots] = as_bytes(q)
-        scales.view(-1, scales.shape[2])[slots] = s
+        as_bytes(cache)[blk, row] = as_bytes(q)
+        scales[blk, row] = s
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

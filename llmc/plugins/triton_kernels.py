@@ -9,8 +9,9 @@ host tensors at all and can be captured in a CUDA graph.
   kernel (CUDA-graph padding), never filtered on the host. A quantized cache (fp8 e4m3 / int8, with scale
   pools: ``kv_layout.py``) is quantized here, one scale per (token, KV head), exactly as
   ``reference.quantize_kv``; the attention kernels dequantize on read by folding the K scale into the
-  scores and the V scale into the probabilities, so K/V tiles go to the dot unscaled (fp8 and int8 values
-  are exact in bf16/fp16).
+  scores and the V scale into the probabilities, so K/V tiles go to fp16 dots unscaled (fp8 and int8 values
+  are exact in fp16). The kernels read V through all four strides: 1-byte V pools are stored head_dim-major
+  within each page (``kv_layout.py``), row-major pools work too.
 - ``paged_attention``:
   * decode rows (one query token): flash-decoding. One program per (sequence, KV head, split) serves the
     whole query group of that KV head, so K/V is read once per group (GQA), walks its share of the context
@@ -130,8 +131,8 @@ def _quantize_halves(a, b, QMAX: tl.constexpr, IS_INT: tl.constexpr, ROUND_FP8: 
 @triton.jit
 def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr,
                      stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_sb, stride_ss,
-                     PAGE: tl.constexpr, H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr,
+                     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_vcd, stride_sb,
+                     stride_ss, PAGE: tl.constexpr, H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr,
                      D_PAD: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr,
                      ROUND_FP8: tl.constexpr):
     t = tl.program_id(0)
@@ -146,7 +147,7 @@ def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr,
     k = tl.load(k_ptr + tt * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask, other=0.0)
     v = tl.load(v_ptr + tt * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask, other=0.0)
     kdst = kc_ptr + blk * stride_kcb + row * stride_kcs + offs_h[:, None] * stride_kch + offs_d[None, :]
-    vdst = vc_ptr + blk * stride_vcb + row * stride_vcs + offs_h[:, None] * stride_vch + offs_d[None, :]
+    vdst = vc_ptr + blk * stride_vcb + row * stride_vcs + offs_h[:, None] * stride_vch + offs_d[None, :] * stride_vcd
     if QUANT:
         k, k_scale = _quantize_rows(k, QMAX, IS_INT, ROUND_FP8)
         v, v_scale = _quantize_rows(v, QMAX, IS_INT, ROUND_FP8)
@@ -179,13 +180,13 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -
     T, H, D = k.shape
     if T == 0:
         return
-    assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    assert k_cache.stride(3) == 1
     k, v = _last_dim_contig(k), _last_dim_contig(v)
     ks, vs, stride_sb, stride_ss, quant, qmax, is_int = _scale_args(k_cache, k_scale, v_scale)
     _write_kv_kernel[(T,)](
         k, v, k_cache, v_cache, slot_mapping, ks, vs, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), stride_sb, stride_ss, PAGE=k_cache.shape[1], H=H, H_PAD=_pow2(H), D=D, D_PAD=_pow2(D),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride()[:4], stride_sb, stride_ss,
+        PAGE=k_cache.shape[1], H=H, H_PAD=_pow2(H), D=D, D_PAD=_pow2(D),
         QUANT=quant, QMAX=qmax, IS_INT=is_int, ROUND_FP8=_INTERPRET and quant and not is_int,
         num_warps=TACTICS["small_num_warps"])
 
@@ -206,9 +207,66 @@ def _fold_v_scales(p, v_sc, P_NORM: tl.constexpr):
     return p, top
 
 
-def _p_norm(quant: bool, ieee: bool, q: torch.Tensor) -> bool:
+def _p_norm(quant: bool, ieee: bool) -> bool:
     """Whether a quantized cache's V scales must enter relative to the tile's largest: fp16 dots."""
-    return quant and not ieee and q.dtype == torch.float16
+    return quant and not ieee
+
+
+@triton.jit
+def _dot_operand(q, kc_ptr, IEEE: tl.constexpr, QUANT: tl.constexpr):
+    """Queries as the dots take them: fp32 (IEEE), the cache's dtype, or fp16 for a 1-byte cache, whose K/V
+    convert to fp16 in one instruction (bf16 takes two) and exactly (|e4m3| <= 448, int8); queries beyond
+    fp16's range saturate at +-65504 instead of overflowing."""
+    if IEEE:
+        q = q.to(tl.float32)
+    elif QUANT:
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    else:
+        q = q.to(kc_ptr.dtype.element_ty)
+    return q
+
+
+@triton.jit
+def _v_tile(vc_ptr, bt_row, n0, end, blk, offs_n, kvh, stride_vb, stride_vs, stride_vh, stride_vd,
+            D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, V_DMAJOR: tl.constexpr,
+            MASKED: tl.constexpr):
+    """V rows ``n0 .. n0 + BLOCK_N`` as a ``[BLOCK_N, D]`` tile (``blk``: each row's cache block). Head_dim-major
+    pages (``V_DMAJOR``, 1-byte caches) are read as runs of ``SUB`` consecutive tokens, one run per page (or
+    per tile within a page), so each load is a contiguous vector: per-row block numbers hide that rows
+    of a page are adjacent. Masked at run granularity (a vector needs one mask): rows past ``end`` inside
+    the last run read the page's other rows, which written pages hold as finite values (the KV writes clamp,
+    the pools start zeroed), and their probability is 0."""
+    offs_d = tl.arange(0, D)
+    if V_DMAJOR:
+        SUB: tl.constexpr = PAGE if PAGE < BLOCK_N else BLOCK_N
+        NR: tl.constexpr = BLOCK_N // SUB
+        run0 = n0 + tl.arange(0, NR) * SUB
+        if MASKED:
+            rmask = run0 < end
+            rblk = tl.load(bt_row + run0 // PAGE, mask=rmask, other=0).to(tl.int64)
+        else:
+            rblk = tl.load(bt_row + run0 // PAGE).to(tl.int64)
+        base = rblk * stride_vb + kvh * stride_vh + run0 % PAGE
+        addr = base[:, None, None] + offs_d[None, :, None] * stride_vd + tl.arange(0, SUB)[None, None, :]
+        if MASKED:
+            v = tl.load(vc_ptr + addr, mask=rmask[:, None, None], other=0.0)
+        else:
+            v = tl.load(vc_ptr + addr)
+        v = tl.reshape(tl.permute(v, (0, 2, 1)), (BLOCK_N, D))
+    else:
+        voff = blk * stride_vb + (offs_n % PAGE) * stride_vs + kvh * stride_vh
+        if MASKED:
+            v = tl.load(vc_ptr + voff[:, None] + offs_d[None, :] * stride_vd, mask=(offs_n < end)[:, None],
+                        other=0.0)
+        else:
+            v = tl.load(vc_ptr + voff[:, None] + offs_d[None, :] * stride_vd)
+    return v
+
+
+def _v_dmajor(v_cache: torch.Tensor) -> bool:
+    """Whether a V pool is stored head_dim-major within each page (``kv_layout.allocate_kv_cache`` does so
+    for 1-byte caches): the kernels then read it as token runs (``_v_tile``)."""
+    return v_cache.stride(1) == 1 and v_cache.shape[1] > 1 and v_cache.stride(3) % v_cache.shape[1] == 0
 
 
 # Triton specializes integer arguments equal to 1 or divisible by 16; arguments that change from step to step
@@ -217,12 +275,12 @@ def _p_norm(quant: bool, ieee: bool, q: torch.Tensor) -> bool:
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr,
                    bt_ptr, seqlen_ptr, qsl_ptr, ks_ptr, vs_ptr, qk_scale, num_splits,
                    stride_qt, stride_qh, stride_ot, stride_oh,
-                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
                    stride_sb, stride_ss,
                    NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DECODE_ONLY: tl.constexpr,
                    SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
-                   P_NORM: tl.constexpr):
+                   P_NORM: tl.constexpr, V_DMAJOR: tl.constexpr):
     """One (sequence, KV head, split): the query group of that KV head against one slice of the context.
     Scores live in the log2 domain (``qk_scale`` includes log2(e)) so the softmax uses exp2. ``QUANT``:
     K/V are fp8/int8 with per-(token, head) scales at ``ks_ptr``/``vs_ptr``; the dots run in q's dtype, the
@@ -248,10 +306,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_pt
     heads = kvh * GROUP + offs_g
     q = tl.load(q_ptr + row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=gmask[:, None], other=0.0)
-    if IEEE:
-        q = q.to(tl.float32)
-    elif not QUANT:
-        q = q.to(kc_ptr.dtype.element_ty)
+    q = _dot_operand(q, kc_ptr, IEEE, QUANT)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D], tl.float32)
@@ -261,9 +316,9 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_pt
         nmask = offs_n < end
         blk = tl.load(bt_row + offs_n // PAGE, mask=nmask, other=0).to(tl.int64)
         koff = blk * stride_kb + (offs_n % PAGE) * stride_ks + kvh * stride_kh
-        voff = blk * stride_vb + (offs_n % PAGE) * stride_vs + kvh * stride_vh
         k = tl.load(kc_ptr + koff[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
-        v = tl.load(vc_ptr + voff[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        v = _v_tile(vc_ptr, bt_row, n0, end, blk, offs_n, kvh, stride_vb, stride_vs, stride_vh, stride_vd, D, PAGE,
+                    BLOCK_N, V_DMAJOR, True)
         if IEEE:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -374,10 +429,10 @@ def _compute_mode(q: torch.Tensor, cache: torch.Tensor) -> bool:
 
 
 def _tile_esize(q: torch.Tensor, k_cache: torch.Tensor, ieee: bool) -> int:
-    """Bytes per element of the K/V tiles the dots read (a quantized cache is converted to q's dtype)."""
+    """Bytes per element of the K/V tiles the dots read (a quantized cache is converted to fp16)."""
     if ieee:
         return 4
-    return q.element_size() if k_cache.element_size() == 1 else k_cache.element_size()
+    return 2 if k_cache.element_size() == 1 else k_cache.element_size()
 
 
 def decode_tiles(group: int, head_dim: int, quant: bool, esize: int) -> tuple[int, int, int, int]:
@@ -411,11 +466,10 @@ def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
     _decode_kernel[(S, Hkv, nsplit)](
         q, k_cache, v_cache, out, ws_m, ws_l, ws_acc, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         ks, vs, scale * _LOG2E, nsplit, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), meta.block_tables.stride(0), stride_sb, stride_ss,
-        NUM_Q_HEADS=Hq, GROUP=group, GROUP_PAD=gpad, D=D, PAGE=page, BLOCK_N=block_n,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride()[:4],
+        meta.block_tables.stride(0), stride_sb, stride_ss, NUM_Q_HEADS=Hq, GROUP=group, GROUP_PAD=gpad, D=D, PAGE=page, BLOCK_N=block_n,
         DECODE_ONLY=decode_only, SPLIT=nsplit > 1, USE_DOT=use_dot, IEEE=ieee, QUANT=quant,
-        P_NORM=_p_norm(quant, ieee, q), num_warps=warps, num_stages=stages)
+        P_NORM=_p_norm(quant, ieee), V_DMAJOR=_v_dmajor(v_cache), num_warps=warps, num_stages=stages)
     if nsplit > 1:
         _decode_merge_kernel[(S, Hq)](
             ws_m, ws_l, ws_acc, out, meta.query_start_loc, nsplit, out.stride(0), out.stride(1),
@@ -425,9 +479,9 @@ def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
 # ============================================================================ prefill / mixed attention
 @triton.jit
 def _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, kvh, qk_scale, ks_ptr, vs_ptr,
-                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_sb, stride_ss,
+                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, stride_sb, stride_ss,
                   D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  IEEE: tl.constexpr, QUANT: tl.constexpr, P_NORM: tl.constexpr):
+                  IEEE: tl.constexpr, QUANT: tl.constexpr, P_NORM: tl.constexpr, V_DMAJOR: tl.constexpr):
     """Fold keys ``n0 .. n0 + BLOCK_N`` (gathered through the block table) into the online softmax.
     Unmasked tiles lie entirely below every row's position, so they skip both the bounds and causal mask.
     ``QUANT``: dequantize as in ``_decode_kernel`` (K scale on the scores, V scale on the probabilities:
@@ -440,13 +494,12 @@ def _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, 
     else:
         blk = tl.load(bt_row + offs_n // PAGE).to(tl.int64)
     koff = blk * stride_kb + (offs_n % PAGE) * stride_ks + kvh * stride_kh
-    voff = blk * stride_vb + (offs_n % PAGE) * stride_vs + kvh * stride_vh
     if MASKED:
         k = tl.load(kc_ptr + koff[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
-        v = tl.load(vc_ptr + voff[:, None] + offs_d[None, :], mask=nmask[:, None], other=0.0)
     else:
         k = tl.load(kc_ptr + koff[:, None] + offs_d[None, :])
-        v = tl.load(vc_ptr + voff[:, None] + offs_d[None, :])
+    v = _v_tile(vc_ptr, bt_row, n0, seq_len, blk, offs_n, kvh, stride_vb, stride_vs, stride_vh, stride_vd, D, PAGE,
+                BLOCK_N, V_DMAJOR, MASKED)
     if QUANT:
         soff = blk * stride_sb + (offs_n % PAGE) * stride_ss + kvh
         if MASKED:
@@ -491,11 +544,11 @@ def _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, 
 @triton.jit(do_not_specialize=["num_seqs", "num_tiles", "stride_bt"])  # vary per step: no recompiles
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seqlen_ptr, qsl_ptr, ks_ptr, vs_ptr, qk_scale,
                     num_seqs, num_tiles, stride_qt, stride_qh, stride_ot, stride_oh,
-                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
                     stride_sb, stride_ss,
                     GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr, SKIP_DECODE: tl.constexpr,
-                    IEEE: tl.constexpr, QUANT: tl.constexpr, P_NORM: tl.constexpr):
+                    IEEE: tl.constexpr, QUANT: tl.constexpr, P_NORM: tl.constexpr, V_DMAJOR: tl.constexpr):
     """BLOCK_M query rows of one sequence x one query head, over that sequence's paged context.
 
     Sequence ``s`` owns tiles ``qsl[s] // BLOCK_M + s ...`` (at least ceil(q_len / BLOCK_M) of them, the
@@ -526,10 +579,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seqlen_ptr, qsl_ptr,
     kvh = h // GROUP
     q = tl.load(q_ptr + (q0 + rows).to(tl.int64)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                 mask=rmask[:, None], other=0.0)
-    if IEEE:
-        q = q.to(tl.float32)
-    elif not QUANT:
-        q = q.to(kc_ptr.dtype.element_ty)
+    q = _dot_operand(q, kc_ptr, IEEE, QUANT)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -542,13 +592,13 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seqlen_ptr, qsl_ptr,
     for n0 in range(0, full_end, BLOCK_N):
         m_i, l_i, acc = _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, kvh, qk_scale,
                                       ks_ptr, vs_ptr, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                                      stride_vh, stride_sb, stride_ss, D, PAGE, BLOCK_N, False, IEEE, QUANT,
-                                      P_NORM)
+                                      stride_vh, stride_vd, stride_sb, stride_ss, D, PAGE, BLOCK_N, False, IEEE, QUANT,
+                                      P_NORM, V_DMAJOR)
     for n0 in range(full_end, diag_end, BLOCK_N):
         m_i, l_i, acc = _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, kvh, qk_scale,
                                       ks_ptr, vs_ptr, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                                      stride_vh, stride_sb, stride_ss, D, PAGE, BLOCK_N, True, IEEE, QUANT,
-                                      P_NORM)
+                                      stride_vh, stride_vd, stride_sb, stride_ss, D, PAGE, BLOCK_N, True, IEEE, QUANT,
+                                      P_NORM, V_DMAJOR)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + (q0 + rows).to(tl.int64)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
@@ -568,11 +618,11 @@ def paged_prefill(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, ou
     _prefill_kernel[(num_tiles, Hq)](
         q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc, ks, vs, scale * _LOG2E,
         S, num_tiles, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), meta.block_tables.stride(0), stride_sb, stride_ss,
-        GROUP=Hq // k_cache.shape[2], D=D, PAGE=k_cache.shape[1], BLOCK_M=bm, BLOCK_N=bn,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride()[:4],
+        meta.block_tables.stride(0), stride_sb, stride_ss, GROUP=Hq // k_cache.shape[2], D=D, PAGE=k_cache.shape[1], BLOCK_M=bm, BLOCK_N=bn,
         SEARCH_STEPS=_search_steps(S), SKIP_DECODE=skip_decode, IEEE=ieee, QUANT=quant,
-        P_NORM=_p_norm(quant, ieee, q), num_warps=TACTICS["prefill_num_warps"], num_stages=stages)
+        P_NORM=_p_norm(quant, ieee), V_DMAJOR=_v_dmajor(v_cache), num_warps=TACTICS["prefill_num_warps"],
+        num_stages=stages)
 
 
 @register("paged_attention")
@@ -582,7 +632,7 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, 
     with ``k_scale``/``v_scale``, the cache is quantized (fp8/int8) and dequantized on read."""
     T, Hq, D = q.shape
     assert D & (D - 1) == 0 and 16 <= D <= 256, "head_dim must be a power of two in 16..256"
-    assert Hq % k_cache.shape[2] == 0 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    assert Hq % k_cache.shape[2] == 0 and k_cache.stride(3) == 1  # V: any strides (kv_layout.py)
     q = _last_dim_contig(q)
     out = torch.empty_like(q)
     if T == 0 or meta.num_seqs == 0:
@@ -815,8 +865,8 @@ def rotary_embedding(positions, q, k, cos_sin_cache):
 @triton.jit
 def _rope_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr, cs_ptr,
                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs,
-                          stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_sb,
-                          stride_ss, HQ: tl.constexpr, HQ_PAD: tl.constexpr, HK: tl.constexpr,
+                          stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_vcd,
+                          stride_sb, stride_ss, HQ: tl.constexpr, HQ_PAD: tl.constexpr, HK: tl.constexpr,
                           HK_PAD: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr,
                           QMAX: tl.constexpr, IS_INT: tl.constexpr, ROUND_FP8: tl.constexpr):
     """One token: rotate its query heads (stored to ``qo``), rotate its key heads and write them with its
@@ -842,7 +892,7 @@ def _rope_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, 
     v1 = tl.load(vsrc, mask=mask, other=0.0).to(tl.float32)
     v2 = tl.load(vsrc + HALF, mask=mask, other=0.0).to(tl.float32)
     kdst = kc_ptr + blk * stride_kcb + row * stride_kcs + offs_h[:, None] * stride_kch + offs_d[None, :]
-    vdst = vc_ptr + blk * stride_vcb + row * stride_vcs + offs_h[:, None] * stride_vch + offs_d[None, :]
+    vdst = vc_ptr + blk * stride_vcb + row * stride_vcs + offs_h[:, None] * stride_vch + offs_d[None, :] * stride_vcd
     if QUANT:
         soff = blk * stride_sb + row * stride_ss + offs_h
         r1, r2, k_scale = _quantize_halves(r1, r2, QMAX, IS_INT, ROUND_FP8)
@@ -853,7 +903,7 @@ def _rope_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, 
     tl.store(kdst, r1.to(cty), mask=mask)
     tl.store(kdst + HALF, r2.to(cty), mask=mask)
     tl.store(vdst, v1.to(cty), mask=mask)
-    tl.store(vdst + HALF, v2.to(cty), mask=mask)
+    tl.store(vdst + HALF * stride_vcd, v2.to(cty), mask=mask)
 
 
 @register("rope_write_kv")
@@ -864,7 +914,7 @@ def rope_write_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapp
     T, Hq, D = q.shape
     Hk = k.shape[1]
     assert cos_sin_cache.shape[-1] == D and D % 2 == 0 and (D // 2) & (D // 2 - 1) == 0
-    assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    assert k_cache.stride(3) == 1  # V: any strides (kv_layout.py)
     q, k, v = _last_dim_contig(q), _last_dim_contig(k), _last_dim_contig(v)
     cs = _last_dim_contig(cos_sin_cache)
     qo = torch.empty((T, Hq, D), dtype=q.dtype, device=q.device)
@@ -874,8 +924,7 @@ def rope_write_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapp
     _rope_write_kv_kernel[(T,)](
         positions, q, k, v, qo, k_cache, v_cache, slot_mapping, ks, vs, cs, q.stride(0), q.stride(1), k.stride(0),
         k.stride(1), v.stride(0), v.stride(1), cs.stride(0), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), stride_sb, stride_ss,
-        HQ=Hq, HQ_PAD=_pow2(Hq), HK=Hk, HK_PAD=_pow2(Hk), HALF=D // 2, PAGE=k_cache.shape[1], QUANT=quant,
+        k_cache.stride(2), *v_cache.stride()[:4], stride_sb, stride_ss, HQ=Hq, HQ_PAD=_pow2(Hq), HK=Hk, HK_PAD=_pow2(Hk), HALF=D // 2, PAGE=k_cache.shape[1], QUANT=quant,
         QMAX=qmax, IS_INT=is_int, ROUND_FP8=_INTERPRET and quant and not is_int,
         num_warps=TACTICS["small_num_warps"])
     return qo
