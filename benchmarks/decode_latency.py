@@ -97,13 +97,18 @@ def hf_decode(c, batch: int, prompt_len: int, steps: int) -> dict:
 
 
 def profile_steps(engine: LLMEngine, batch: int, prompt_len: int, steps: int = 20) -> list[dict]:
-    """Top CUDA kernels (by total device time) over ``steps`` decode steps."""
+    """Top CUDA kernels (by total device time) over ``steps`` decode steps. Prompts are distinct (identical
+    ones would share prefix-cached blocks, so a batch's K/V would be read from L2), and profiling starts once
+    every request has its first token (the token budget chunks a large batch's prefill over several steps)."""
     from torch.profiler import ProfilerActivity, profile
 
+    g = torch.Generator().manual_seed(1)
     for _ in range(batch):
-        engine.add_request(prompt_token_ids=list(range(10, 10 + prompt_len)),
-                           params=SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True))
-    engine.step()
+        engine.add_request(prompt_token_ids=torch.randint(10, engine.vocab_size, (prompt_len,), generator=g).tolist(),
+                           params=SamplingParams(temperature=0, max_tokens=steps + 4, ignore_eos=True))
+    started: set[str] = set()
+    while len(started) < batch and engine.has_unfinished_requests():
+        started.update(o.request_id for o in engine.step() if any(c.token_ids for c in o.outputs))
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             engine.step()

@@ -33,7 +33,7 @@ for c in json.load(open('$R/fusion_bits.json'))['cases']]" | tee -a "$OUT/summar
 fi
 if [ "${TESTS:-1}" = 1 ]; then
   # shellcheck disable=SC2086
-  timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider ${XDIST:+-n $XDIST} ${GPU_MARK--m gpu} \
+  timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -v -p no:cacheprovider ${XDIST:+-n $XDIST} ${GPU_MARK--m gpu} \
     ${GPU_TESTS:-tests/test_pipeline.py tests/test_gpu.py} 2>&1 \
     | tee "$R/gpu_tests_full.log" | tail -25 > "$R/gpu_tests.log"; tail -8 "$R/gpu_tests.log" | tee -a "$OUT/summary.txt"
   el "gpu tests"
@@ -119,6 +119,9 @@ declare -A DLARGS=(
   [fp8_b64]="/tmp/en-fp8 --batch 64 --steps 64 --profile"
   [fp8_b64_unfused]="/tmp/en-fp8 --batch 64 --steps 64 --profile --no-fuse rope_write_kv --no-fuse act_quant"
   [fp8kv_b64]="/tmp/en-fp8kv --batch 64 --steps 64 --profile"
+  [fp8kv_b256]="/tmp/en-fp8kv --batch 256 --steps 32 --profile"
+  [fp8_b256]="/tmp/en-fp8 --batch 256 --steps 32 --profile"
+  [fp8_kvfp8_b256]="/tmp/en-fp8 --batch 256 --steps 32 --profile --kv-cache-dtype fp8"
   [fp8_kvfp8_b64]="/tmp/en-fp8 --batch 64 --steps 64 --profile --kv-cache-dtype fp8"
   [fp8_kvfp8_b1]="/tmp/en-fp8 --batch 1 --steps 128 --profile --kv-cache-dtype fp8"
   [fp8kv_b1]="/tmp/en-fp8kv --batch 1 --steps 128 --profile"
