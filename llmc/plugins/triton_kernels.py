@@ -266,7 +266,7 @@ def _v_tile(vc_ptr, bt_row, n0, end, blk, offs_n, kvh, stride_vb, stride_vs, str
 def _v_dmajor(v_cache: torch.Tensor) -> bool:
     """Whether a V pool is stored head_dim-major within each page (``kv_layout.allocate_kv_cache`` does so
     for 1-byte caches): the kernels then read it as token runs (``_v_tile``)."""
-    return v_cache.stride(1) == 1 and v_cache.shape[1] > 1 and v_cache.stride(3) % v_cache.shape[1] == 0
+    return v_cache.stride(1) == 1 and v_cache.shape[1] > 1  # rows of a page adjacent: _v_tile's runs
 
 
 # Triton specializes integer arguments equal to 1 or divisible by 16; arguments that change from step to step
