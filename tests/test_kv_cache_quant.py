@@ -202,6 +202,31 @@ def test_small_v_keeps_fp16_precision(kv_dtype, q_lens, small_tiles):
     torch.testing.assert_close(out.float() * 1e4, ref * 1e4, atol=TOL[q.dtype], rtol=TOL[q.dtype])
 
 
+@pytest.mark.parametrize("q_len", [1, 4], ids=["decode", "prefill"])
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_stale_nan_rows_of_a_reused_block_do_not_reach_a_new_sequence(kv_dtype, q_len):
+    """The head_dim-major V pages are loaded a page-run at a time, so rows past a sequence's end are read
+    (and multiplied by probability 0). A block's earlier owner may have written NaN/inf K/V there: the
+    writes must store finite values (the scales may be inf/NaN; they are masked per token), so the next
+    owner's attention stays finite and equal to the reference over its own rows. (Under the interpreter the
+    fp8 store rounds through ``round_e4m3`` first, so the clamp itself is checked on the GPU.)"""
+    H, D, P = 2, 32, 16
+    kv = allocate_kv_cache(4, P, H, D, kv_dtype, True, DEV)
+    bad = torch.full((8, H, D), float("nan"), device=DEV)
+    bad[::2] = float("inf")
+    tk().write_kv(bad, bad, kv.k, kv.v, torch.arange(2 * P + 8, 2 * P + 16, device=DEV), kv.k_scale, kv.v_scale)
+    assert torch.isfinite(kv.v[2, 8:].float()).all() and torch.isfinite(kv.k[2, 8:].float()).all()
+    g = torch.Generator().manual_seed(0)
+    new = [torch.randn(7, H, D, generator=g).to(DEV) for _ in range(2)]
+    tk().write_kv(*new, kv.k, kv.v, torch.arange(2 * P, 2 * P + 7, device=DEV), kv.k_scale, kv.v_scale)
+    meta = AttentionMetadata.build([q_len], [7], [[2]], P, DEV)
+    q = torch.randn(q_len, H, D, generator=g).to(DEV, torch.float16)
+    out = tk().paged_attention(q, kv.k, kv.v, meta, D ** -0.5, kv.k_scale, kv.v_scale)
+    ref = reference.paged_attention(q.float(), kv.k, kv.v, meta, D ** -0.5, kv.k_scale, kv.v_scale)
+    assert torch.isfinite(out.float()).all()
+    torch.testing.assert_close(out.float(), ref, atol=TOL[q.dtype], rtol=TOL[q.dtype])
+
+
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 def test_write_kv_quantized_matches_reference(kv_dtype):
     mod = tk()
