@@ -204,7 +204,8 @@ def sweep(impl, decode_shapes: list[tuple[int, int]], prefill: bool = True) -> d
     decode_grid = dict(decode_block_n=[32, 64, 128], decode_num_warps=[4, 8], decode_num_stages=[1, 2, 3],
                        decode_use_dot=[1, 0])
     if KV_DTYPE is not None:  # the tuner's grid for 1-byte caches (llmc/build/tuning.py)
-        decode_grid = dict(decode_q8_block_n=[64, 128], decode_q8_num_warps=[4, 8], decode_q8_num_stages=[1, 2, 3])
+        decode_grid = dict(decode_q8_block_n=[32, 64, 128], decode_q8_num_warps=[4, 8],
+                           decode_q8_num_stages=[1, 2, 3])
     grids = {f"decode_b{b}_ctx{c}": (lambda b=b, c=c: decode_case(impl, b, c), "ms", decode_grid)
              for b, c in decode_shapes}
     if prefill:

@@ -91,11 +91,12 @@ def _attention_families(model: ModelConfig, build: BuildConfig, device: str, dty
     # unpipelined, 146 at stages 2)
     decode_grid = list(itertools.product((32, 64, 128), (4, 8), (1, 2, 3)))
     if kv_quant is not None:
-        # 1-byte K/V: the conversions and byte-wise shared-memory reads bound the kernel, not DRAM, and
-        # wider tiles won every case of the H200 sweep (BENCHMARKS.md); block 32 and the CUDA-core path
-        # (decode_use_dot 0, 2x slower there) are not timed
+        # 1-byte K/V (own keys): 128-token tiles won every long-context case of the H200 sweeps (BENCHMARKS.md).
+        # Block 32 is timed again since V pages went head_dim-major: offline sm_90 it needs 96 registers
+        # (128-token tiles 155), i.e. 5 programs per SM instead of 3, which may pay where short contexts leave
+        # each program one or two tiles. The CUDA-core path (decode_use_dot 0, 2x slower) is not timed.
         decode_keys = ("decode_q8_block_n", "decode_q8_num_warps", "decode_q8_num_stages")
-        decode_grid = list(itertools.product((64, 128), (4, 8), (1, 2, 3)))
+        decode_grid = list(itertools.product((32, 64, 128), (4, 8), (1, 2, 3)))
     return [
         Family("attention decode", "triton_kernels", decode_keys, decode_grid, decode_cases),
         Family("attention prefill", "triton_kernels",
