@@ -283,8 +283,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_pt
                    P_NORM: tl.constexpr, V_DMAJOR: tl.constexpr):
     """One (sequence, KV head, split): the query group of that KV head against one slice of the context.
     Scores live in the log2 domain (``qk_scale`` includes log2(e)) so the softmax uses exp2. ``QUANT``:
-    K/V are fp8/int8 with per-(token, head) scales at ``ks_ptr``/``vs_ptr``; the dots run in q's dtype, the
-    V scales folded into the probabilities (``_fold_v_scales``)."""
+    K/V are fp8/int8 with per-(token, head) scales at ``ks_ptr``/``vs_ptr``; the dots run in fp16
+    (``_dot_operand``), the V scales folded into the probabilities (``_fold_v_scales``)."""
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
