@@ -9,10 +9,10 @@
   ``scaled_dot_product_attention`` on the same shapes in contiguous layout, same data (outputs compared).
 
 ``--sweep`` also times a small grid of ``llmc.plugins.triton_kernels.TACTICS`` variants and reports the best of each (what a build-time tuner would store).
-``--kv-dtype fp8|int8`` stores the K/V quantized (decode and prefill) (per-(token, head) scales, as ``--kv-cache-dtype``);
-GB/s then counts the 1-byte values plus the scales, V in the engine's head_dim-major pages (``--v-rowmajor``:
-row-major, to compare). ``--decode-shapes BxCTX,...`` adds decode cases (and sweeps
-each of them); ``--decode-only`` skips prefill.
+``--kv-dtype fp8|int8`` stores the decode and prefill K/V quantized (per-(token, head) scales, as
+``--kv-cache-dtype``), V in the engine's head_dim-major pages (``--v-rowmajor``: row-major, to compare); GB/s
+then counts the 1-byte values plus the scales. ``--decode-shapes BxCTX,...`` adds decode cases (and sweeps each
+of them); ``--decode-only`` skips prefill.
 Each case is guarded: a failure is reported in the JSON instead of ending the run.
 """
 from __future__ import annotations
@@ -176,8 +176,8 @@ def prefill_case(impl, n_seq, L) -> dict:
     err = (out.float() - ref.float()).abs().max().item()
     ours = bench_ms(lambda: impl.paged_attention(q, kc, vc, meta, scale, *scales))
     flops = 4 * n_seq * HQ * L * L * D / 2  # causal: half of QK^T and PV
-    return {"seqs": n_seq, "len": L, "kv_dtype": str(kc.dtype), "llmc_ms": ours, "sdpa_ms": sdpa, "sdpa_backend": backend,
-            "ratio_llmc_over_sdpa": ours / sdpa, "llmc_TFLOPs": flops / ours / 1e9,
+    return {"seqs": n_seq, "len": L, "kv_dtype": str(kc.dtype), "llmc_ms": ours, "sdpa_ms": sdpa,
+            "sdpa_backend": backend, "ratio_llmc_over_sdpa": ours / sdpa, "llmc_TFLOPs": flops / ours / 1e9,
             "sdpa_TFLOPs": flops / sdpa / 1e9, "max_abs_err_vs_sdpa": err}
 
 

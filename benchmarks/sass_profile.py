@@ -70,7 +70,7 @@ def compile_decode(kv: str = "bf16", block_n: int = 64, warps: int = 4, stages: 
     quant = kv != "bf16"
     const = dict(NUM_Q_HEADS=heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=head_dim,
                  PAGE=page, BLOCK_N=block_n, DECODE_ONLY=True, SPLIT=False, USE_DOT=True, IEEE=False,
-                 QUANT=quant, P_NORM=tk._p_norm(quant, False), **v_strides(quant, v_rowmajor))
+                 QUANT=quant, **v_strides(quant, v_rowmajor))
     ptrs = {"q_ptr": "*bf16", "out_ptr": "*bf16", "kc_ptr": _KV_TYPES[kv], "vc_ptr": _KV_TYPES[kv],
             "ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32", "ws_acc_ptr": "*fp32", "bt_ptr": "*i32",
             "seqlen_ptr": "*i32", "qsl_ptr": "*i32", "ks_ptr": "*fp32", "vs_ptr": "*fp32"}
@@ -85,16 +85,16 @@ def kernel_specs() -> dict[str, tuple]:
     t = tk.TACTICS
     kv8 = {"kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv", "ks_ptr": "*fp32", "vs_ptr": "*fp32"}
     fp8_kv = dict(QUANT=True, QMAX=448.0, IS_INT=False, ROUND_FP8=False)
-    prefill = lambda q, kv, quant, p_norm: (  # noqa: E731
+    prefill = lambda q, kv, quant: (  # noqa: E731
         tk._prefill_kernel, {"q_ptr": q, "out_ptr": q, "kc_ptr": kv, "vc_ptr": kv, "bt_ptr": "*i32",
                              "seqlen_ptr": "*i32", "qsl_ptr": "*i32", "ks_ptr": "*fp32", "vs_ptr": "*fp32"},
         dict(GROUP=4, D=128, PAGE=16, BLOCK_M=t["prefill_block_m"], BLOCK_N=t["prefill_block_n"], SEARCH_STEPS=12,
-             SKIP_DECODE=True, IEEE=False, QUANT=quant, P_NORM=p_norm, **v_strides(quant)),
+             SKIP_DECODE=True, IEEE=False, QUANT=quant, **v_strides(quant)),
         t["prefill_num_warps"], t["prefill_num_stages"], ("qk_scale",))
     return {
-        "prefill bf16 cache": prefill("*bf16", "*bf16", False, False),
-        "prefill fp8 cache": prefill("*bf16", "*fp8e4nv", True, True),
-        "prefill fp8 cache, fp16 model": prefill("*fp16", "*fp8e4nv", True, True),
+        "prefill bf16 cache": prefill("*bf16", "*bf16", False),
+        "prefill fp8 cache": prefill("*bf16", "*fp8e4nv", True),
+        "prefill fp8 cache, fp16 model": prefill("*fp16", "*fp8e4nv", True),
         "write_kv fp8": (tk._write_kv_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "slot_ptr": "*i64", **kv8},
                          dict(PAGE=16, H=32, H_PAD=32, D=128, D_PAD=128, **fp8_kv, **v_strides(True, write=True)),
                          t["small_num_warps"], 1, ()),
@@ -171,8 +171,8 @@ def main() -> None:
     k = compile_decode(a.kv, a.block_n, a.warps, a.stages, group=a.group, head_dim=a.head_dim,
                        v_rowmajor=a.v_rowmajor)
     mix = loop_mix(k)
-    res = {"kv": a.kv, "v_rowmajor": a.v_rowmajor, "block_n": a.block_n, "warps": a.warps, "stages": a.stages, "group": a.group,
-           "head_dim": a.head_dim, **ptxas_usage(k),
+    res = {"kv": a.kv, "v_rowmajor": a.v_rowmajor, "block_n": a.block_n, "warps": a.warps, "stages": a.stages,
+           "group": a.group, "head_dim": a.head_dim, **ptxas_usage(k),
            "loop_instructions": sum(mix.values()), "loop_mix": dict(mix.most_common())}
     if a.json:
         print(json.dumps(res, indent=1))

@@ -74,10 +74,15 @@ def kv_bytes_per_token_head(head_dim: int, dtype: torch.dtype, quantized: bool) 
     return 2 * (head_dim * esize + scale)
 
 
+def v_pages_dmajor(dtype: torch.dtype) -> bool:
+    """Whether V pools of this dtype are stored head_dim-major within each page: the 1-byte ones."""
+    return torch.empty((), dtype=dtype).element_size() == 1
+
+
 def v_cache_layout(v: torch.Tensor) -> torch.Tensor:
     """``v`` (a pool ``[num_blocks, block_size, H, D]``, any strides) in the page layout caches of its dtype
-    use: 1-byte pools head_dim-major within each page, others row-major. Same values and shape."""
-    if v.element_size() != 1:
+    use (``v_pages_dmajor``). Same values and shape."""
+    if not v_pages_dmajor(v.dtype):
         return v.contiguous()
     return v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
@@ -88,7 +93,7 @@ def allocate_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_
     finite values)."""
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k = torch.zeros(shape, dtype=dtype, device=device)
-    if torch.empty((), dtype=dtype).element_size() == 1:  # allocated in place: a pool can be most of the GPU
+    if v_pages_dmajor(dtype):  # allocated in place, not via v_cache_layout: a pool can be most of the GPU
         v = torch.zeros((num_blocks, num_kv_heads, head_dim, block_size), dtype=dtype,
                         device=device).permute(0, 3, 1, 2)
     else:

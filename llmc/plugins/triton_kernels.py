@@ -207,11 +207,6 @@ def _fold_v_scales(p, v_sc, P_NORM: tl.constexpr):
     return p, top
 
 
-def _p_norm(quant: bool, ieee: bool) -> bool:
-    """Whether a quantized cache's V scales must enter relative to the tile's largest: fp16 dots."""
-    return quant and not ieee
-
-
 @triton.jit
 def _dot_operand(q, kc_ptr, IEEE: tl.constexpr, QUANT: tl.constexpr):
     """Queries as the dots take them: fp32 (IEEE), the cache's dtype, or fp16 for a 1-byte cache, whose K/V
@@ -280,11 +275,12 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_pt
                    NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DECODE_ONLY: tl.constexpr,
                    SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
-                   P_NORM: tl.constexpr, V_DMAJOR: tl.constexpr):
+                   V_DMAJOR: tl.constexpr):
     """One (sequence, KV head, split): the query group of that KV head against one slice of the context.
     Scores live in the log2 domain (``qk_scale`` includes log2(e)) so the softmax uses exp2. ``QUANT``:
     K/V are fp8/int8 with per-(token, head) scales at ``ks_ptr``/``vs_ptr``; the dots run in fp16
     (``_dot_operand``), the V scales folded into the probabilities (``_fold_v_scales``)."""
+    P_NORM: tl.constexpr = QUANT and not IEEE  # fp16 dots
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -467,9 +463,9 @@ def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
         q, k_cache, v_cache, out, ws_m, ws_l, ws_acc, meta.block_tables, meta.seq_lens, meta.query_start_loc,
         ks, vs, scale * _LOG2E, nsplit, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride()[:4],
-        meta.block_tables.stride(0), stride_sb, stride_ss, NUM_Q_HEADS=Hq, GROUP=group, GROUP_PAD=gpad, D=D, PAGE=page, BLOCK_N=block_n,
-        DECODE_ONLY=decode_only, SPLIT=nsplit > 1, USE_DOT=use_dot, IEEE=ieee, QUANT=quant,
-        P_NORM=_p_norm(quant, ieee), V_DMAJOR=_v_dmajor(v_cache), num_warps=warps, num_stages=stages)
+        meta.block_tables.stride(0), stride_sb, stride_ss, NUM_Q_HEADS=Hq, GROUP=group, GROUP_PAD=gpad, D=D,
+        PAGE=page, BLOCK_N=block_n, DECODE_ONLY=decode_only, SPLIT=nsplit > 1, USE_DOT=use_dot, IEEE=ieee,
+        QUANT=quant, V_DMAJOR=_v_dmajor(v_cache), num_warps=warps, num_stages=stages)
     if nsplit > 1:
         _decode_merge_kernel[(S, Hq)](
             ws_m, ws_l, ws_acc, out, meta.query_start_loc, nsplit, out.stride(0), out.stride(1),
@@ -481,11 +477,12 @@ def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
 def _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, kvh, qk_scale, ks_ptr, vs_ptr,
                   stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, stride_sb, stride_ss,
                   D: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                  IEEE: tl.constexpr, QUANT: tl.constexpr, P_NORM: tl.constexpr, V_DMAJOR: tl.constexpr):
+                  IEEE: tl.constexpr, QUANT: tl.constexpr, V_DMAJOR: tl.constexpr):
     """Fold keys ``n0 .. n0 + BLOCK_N`` (gathered through the block table) into the online softmax.
     Unmasked tiles lie entirely below every row's position, so they skip both the bounds and causal mask.
     ``QUANT``: dequantize as in ``_decode_kernel`` (K scale on the scores, V scale on the probabilities:
     ``_fold_v_scales``)."""
+    P_NORM: tl.constexpr = QUANT and not IEEE  # fp16 dots
     offs_d = tl.arange(0, D)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     if MASKED:
@@ -548,7 +545,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seqlen_ptr, qsl_ptr,
                     stride_sb, stride_ss,
                     GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr, SKIP_DECODE: tl.constexpr,
-                    IEEE: tl.constexpr, QUANT: tl.constexpr, P_NORM: tl.constexpr, V_DMAJOR: tl.constexpr):
+                    IEEE: tl.constexpr, QUANT: tl.constexpr, V_DMAJOR: tl.constexpr):
     """BLOCK_M query rows of one sequence x one query head, over that sequence's paged context.
 
     Sequence ``s`` owns tiles ``qsl[s] // BLOCK_M + s ...`` (at least ceil(q_len / BLOCK_M) of them, the
@@ -593,12 +590,12 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seqlen_ptr, qsl_ptr,
         m_i, l_i, acc = _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, kvh, qk_scale,
                                       ks_ptr, vs_ptr, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                                       stride_vh, stride_vd, stride_sb, stride_ss, D, PAGE, BLOCK_N, False, IEEE, QUANT,
-                                      P_NORM, V_DMAJOR)
+                                      V_DMAJOR)
     for n0 in range(full_end, diag_end, BLOCK_N):
         m_i, l_i, acc = _prefill_tile(n0, q, m_i, l_i, acc, pos_q, seq_len, kc_ptr, vc_ptr, bt_row, kvh, qk_scale,
                                       ks_ptr, vs_ptr, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                                       stride_vh, stride_vd, stride_sb, stride_ss, D, PAGE, BLOCK_N, True, IEEE, QUANT,
-                                      P_NORM, V_DMAJOR)
+                                      V_DMAJOR)
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + (q0 + rows).to(tl.int64)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
@@ -619,10 +616,9 @@ def paged_prefill(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, ou
         q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc, ks, vs, scale * _LOG2E,
         S, num_tiles, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride()[:4],
-        meta.block_tables.stride(0), stride_sb, stride_ss, GROUP=Hq // k_cache.shape[2], D=D, PAGE=k_cache.shape[1], BLOCK_M=bm, BLOCK_N=bn,
-        SEARCH_STEPS=_search_steps(S), SKIP_DECODE=skip_decode, IEEE=ieee, QUANT=quant,
-        P_NORM=_p_norm(quant, ieee), V_DMAJOR=_v_dmajor(v_cache), num_warps=TACTICS["prefill_num_warps"],
-        num_stages=stages)
+        meta.block_tables.stride(0), stride_sb, stride_ss, GROUP=Hq // k_cache.shape[2], D=D, PAGE=k_cache.shape[1],
+        BLOCK_M=bm, BLOCK_N=bn, SEARCH_STEPS=_search_steps(S), SKIP_DECODE=skip_decode, IEEE=ieee, QUANT=quant,
+        V_DMAJOR=_v_dmajor(v_cache), num_warps=TACTICS["prefill_num_warps"], num_stages=stages)
 
 
 @register("paged_attention")
@@ -924,7 +920,7 @@ def rope_write_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapp
     _rope_write_kv_kernel[(T,)](
         positions, q, k, v, qo, k_cache, v_cache, slot_mapping, ks, vs, cs, q.stride(0), q.stride(1), k.stride(0),
         k.stride(1), v.stride(0), v.stride(1), cs.stride(0), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), *v_cache.stride()[:4], stride_sb, stride_ss, HQ=Hq, HQ_PAD=_pow2(Hq), HK=Hk, HK_PAD=_pow2(Hk), HALF=D // 2, PAGE=k_cache.shape[1], QUANT=quant,
-        QMAX=qmax, IS_INT=is_int, ROUND_FP8=_INTERPRET and quant and not is_int,
-        num_warps=TACTICS["small_num_warps"])
+        k_cache.stride(2), *v_cache.stride()[:4], stride_sb, stride_ss, HQ=Hq, HQ_PAD=_pow2(Hq), HK=Hk,
+        HK_PAD=_pow2(Hk), HALF=D // 2, PAGE=k_cache.shape[1], QUANT=quant, QMAX=qmax, IS_INT=is_int,
+        ROUND_FP8=_INTERPRET and quant and not is_int, num_warps=TACTICS["small_num_warps"])
     return qo
