@@ -124,6 +124,28 @@ def profile_steps(engine: LLMEngine, batch: int, prompt_len: int, steps: int = 2
     return rows
 
 
+def override_tactics(specs: list[str]) -> dict[str, dict[str, int]]:
+    """``MODULE.KEY=INT`` overrides, applied now and again after the engine loads its tuned tactics."""
+    from llmc.build import tuning
+
+    table: dict[str, dict[str, int]] = {}
+    for spec in specs:
+        name, _, value = spec.partition("=")
+        module, _, key = name.partition(".")
+        if module not in tuning.TUNABLE_MODULES or not value.lstrip("-").isdigit():
+            raise SystemExit(f"--tactic {spec!r}: expected MODULE.KEY=INT with MODULE one of {tuning.TUNABLE_MODULES}")
+        table.setdefault(module, {})[key] = int(value)
+    if table:
+        real = tuning.apply_tactics
+        tuning.apply_tactics(table)  # checks the keys exist
+
+        def apply_then_override(tactics):
+            real(tactics)
+            real(table)
+        tuning.apply_tactics = apply_then_override
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("engine")
@@ -139,9 +161,13 @@ def main() -> None:
                     help="override the engine's KV cache format")
     ap.add_argument("--no-fuse", action="append", default=[], choices=sorted(ops.FUSIONS),
                     help="run this fusion's ops unfused (repeatable): before/after figures in one process")
+    ap.add_argument("--tactic", action="append", default=[], metavar="MODULE.KEY=INT",
+                    help="override one kernel tactic over the engine's tuned ones (repeatable), e.g. "
+                         "gemv.max_m=0 runs decode rows on the MMA GEMMs: before/after in one call")
     a = ap.parse_args()
     for name in a.no_fuse:
         ops.FUSIONS[name] = False
+    overrides = override_tactics(a.tactic)
     bw = measure_bandwidth()
     t0 = time.perf_counter()
     eng = LLMEngine(a.engine, device="cuda", gpu_memory_utilization=a.gpu_memory_utilization,
@@ -160,7 +186,7 @@ def main() -> None:
            "weight_GB": wbytes / 1e9, "floor_ms": floor_ms, "startup_s": startup,
            "graph_capture_s": eng.runner.graph_capture_seconds, "quant": eng.engine.quant.method,
            "cuda_graphs": eng.runner.graphs is not None, "async_scheduling": eng.async_scheduling,
-           "kv_cache_dtype": str(eng.runner.kv_dtype), "fusions": dict(ops.FUSIONS)}
+           "kv_cache_dtype": str(eng.runner.kv_dtype), "fusions": dict(ops.FUSIONS), "tactic_overrides": overrides}
     ours = llmc_decode(eng, a.batch, a.prompt_len, a.steps)
     res["llmc"] = {**ours, "fraction_of_floor": floor_ms / ours["ms_per_step"],
                    "tokens_per_s": a.batch * 1e3 / ours["ms_per_step"]}

@@ -12,6 +12,7 @@
 #      HF generate_batch (HF_SET entries INxOUT:N).
 #   5. attention kernels alone (KBENCH_SET: ';'-separated argument lists of benchmarks/kernels.py, e.g.
 #      "--quick --decode-only --sweep --kv-dtype fp8 --decode-shapes 64x256,256x256"), after the tests.
+#   6. GEMMs / GEMV alone (QGEMM_ARGS: arguments of benchmarks/quant_gemm_bench.py), after the kernels.
 # Subsets: TESTS=0 BUILD=0 DECODE=0 THROUGHPUT=0 HF_TP=0 skip parts; ORDER="throughput decode" runs throughput first;
 # XDIST=N runs the GPU tests in N pytest-xdist workers (Triton compiles are CPU-bound; the image has xdist).
 # Everything lands in $OUT/results.tar.gz plus $OUT/summary.txt (the device tool returns at most 8 files).
@@ -61,6 +62,31 @@ for k, v in d.get("sweep", {}).items():
 PY
   el "kernels $i"
 done
+if [ -n "${QGEMM_ARGS:-}" ]; then  # e.g. QGEMM_ARGS="--rows 1,2,4 --sweep": benchmarks/quant_gemm_bench.py
+  # shellcheck disable=SC2086
+  timeout "${QGEMM_TIMEOUT:-240}" python3 benchmarks/quant_gemm_bench.py $QGEMM_ARGS > "$R/qgemm.json" 2> "$R/qgemm.err"
+  python3 - "$R/qgemm.json" <<'PY' | tee -a "$OUT/summary.txt"
+import json, sys
+dec = json.JSONDecoder()
+text, i, parts = open(sys.argv[1]).read(), 0, []
+while i < len(text):  # one JSON object per section
+    while i < len(text) and text[i].isspace():
+        i += 1
+    if i < len(text):
+        obj, i = dec.raw_decode(text, i)
+        parts.append(obj)
+for d in parts:
+    if "copy_GBps" in d:
+        print("qgemm copy GB/s", round(d["copy_GBps"]))
+    for shape, row in d.get("gemm", {}).items():
+        print(f"  {shape}: " + " ".join(f"{m}={r['us']:.1f}us/{r['GBps']:.0f}" if "us" in r else f"{m}=ERR" for m, r in row.items()))
+    for name, sw in d.get("sweep", {}).items():
+        print(f"  sweep {name}: default {sw['default_us_total']} | top5 {[(r['cfg'], round(r['us_total'], 1)) for r in sw['top5']]}")
+        if sw["best"]:
+            print(f"    best per shape: {sw['best_per_shape']} | best overall per shape: {sw['best']['us']}")
+PY
+  el "qgemm"
+fi
 [ "${BUILD:-1}" = 1 ] || QUANTS=" "  # BUILD=0: no checkpoint, no engines (kernel benchmarks and tests only)
 if [ "${BUILD:-1}" = 1 ] && [ ! -d /tmp/ck7b ]; then
   python3 benchmarks/synthetic_ckpt.py llama-2-7b /tmp/ck7b > /dev/null 2>> "$R/err.log"
@@ -114,6 +140,10 @@ declare -A DLARGS=(
   [bf16_b64_sync]="/tmp/en-none --batch 64 --steps 64 --profile --no-async-scheduling"
   [bf16_b1_unfused]="/tmp/en-none --batch 1 --steps 128 --profile --no-fuse rope_write_kv"
   [bf16_b1_prof]="/tmp/en-none --batch 1 --steps 128 --profile"
+  [bf16_b1_nogemv]="/tmp/en-none --batch 1 --steps 128 --profile --tactic gemv.max_m=0"
+  [fp8_b1_nogemv]="/tmp/en-fp8 --batch 1 --steps 128 --profile --tactic gemv.max_m=0"
+  [int8_b1_nogemv]="/tmp/en-int8 --batch 1 --steps 128 --profile --tactic gemv.max_m=0"
+  [bf16_b1_hf]="/tmp/en-none --batch 1 --steps 128 --profile --hf"
   [fp8_b1]="/tmp/en-fp8 --batch 1 --steps 128 --profile"
   [fp8_b1_unfused]="/tmp/en-fp8 --batch 1 --steps 128 --profile --no-fuse rope_write_kv --no-fuse act_quant"
   [fp8_b64]="/tmp/en-fp8 --batch 64 --steps 64 --profile"

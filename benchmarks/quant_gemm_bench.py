@@ -1,14 +1,18 @@
-"""Quantized GEMM kernels on a CUDA GPU against bf16 ``F.linear`` (cuBLAS); prints one JSON object.
+"""Quantized GEMM kernels and the decode-rows GEMV on a CUDA GPU against bf16 ``F.linear`` (cuBLAS).
 
-    python3 benchmarks/quant_gemm_bench.py [--sweep] [--rows 1,16,64,256]
+    python3 benchmarks/quant_gemm_bench.py [--sweep | --sweep-only] [--rows 1,2,4,8,16,64,256]
 
 Shapes are Llama-2-7B's four projections (fused QKV, O, fused gate/up, down). For each method and row
 count: microseconds per call replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``: no
 Python launch overhead, as in an engine's decode step), each call on another copy of the weights (>= 256 MB
-in all, 5x the L2) so weights stream from HBM as in a decode step and the weight bytes read per second, beside a device copy measured in the
-same run. ``--sweep`` times a grid of the int4 GEMV tiling (``quant_gemm.TACTICS`` gemv_*) and of the fp8 decode
-tiling (small_*, fused activation quantization or not) at one row, and reports the best (what the build-time tuner would store).
-Prints the GEMM table as one JSON object, then the sweep as a second one. Random weights.
+in all, 5x the L2) so weights stream from HBM as in a decode step, and the weight bytes read per second,
+beside a device copy measured in the same run. Up to 8 rows also time ``gemv.py`` (``bf16_gemv``; int8/fp8/
+w8a8 as ``<method>_gemv`` against ``<method>_mma``, the decode tiling it replaces).
+``--sweep`` times grids at one row: the GEMV's tiles (``gemv.TACTICS``) for bf16 weights, the fp8 MMA decode
+tiling (small_*: tiles, stages, split-K target), the int4 GEMV (``quant_gemm.TACTICS`` gemv_*) and a third of
+the GEMV grid for fp8 weights; it reports the best in sum over the four shapes (what the build-time tuner
+would store) and per shape. Prints the GEMM table as one JSON object, then the sweep as a second one.
+Random weights.
 """
 from __future__ import annotations
 
@@ -24,11 +28,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmc.convert.quantize import quantize_projection  # noqa: E402
+from llmc.plugins import gemv  # noqa: E402
 from llmc.plugins import quant_gemm as qg  # noqa: E402
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 METHODS = ["int8", "int4", "fp8", "w8a8"]
 GROUP = 128
+GEMV_ROWS = 8  # row counts up to this also time the GEMV (gemv.py) against the MMA kernels
 
 
 def copy_gbps() -> float:
@@ -87,13 +93,23 @@ def bench_all(rows: list[int]) -> dict:
         for m_rows in rows:
             x = torch.randn(m_rows, k, device="cuda", dtype=torch.bfloat16)
             row = {"bf16": {"us": timed([lambda w=w: F.linear(x, w) for w in wbs]), "bytes": n * k * 2}}
+            if m_rows <= GEMV_ROWS:
+                row["bf16_gemv"] = {"us": timed([lambda w=w: gemv.gemv(x, w) for w in wbs]), "bytes": n * k * 2}
             for m in METHODS:
-                try:
-                    fns = [call(m, t, x) for t in qs[m]]
-                    fns[0]()
-                    row[m] = {"us": timed(fns), "bytes": qs[m][0]["bytes"]}
-                except Exception as e:  # noqa: BLE001 - reported, the run goes on
-                    row[m] = {"error": repr(e)[:300]}
+                variants = [(m, gemv.TACTICS["max_m"])]
+                if m_rows <= GEMV_ROWS and m != "int4":  # 8-bit weights: the GEMV and the MMA decode tiling
+                    variants = [(m + "_gemv", GEMV_ROWS), (m + "_mma", 0)]
+                for label, max_m in variants:
+                    saved = gemv.TACTICS["max_m"]
+                    gemv.TACTICS["max_m"] = max_m
+                    try:
+                        fns = [call(m, t, x) for t in qs[m]]
+                        fns[0]()
+                        row[label] = {"us": timed(fns), "bytes": qs[m][0]["bytes"]}
+                    except Exception as e:  # noqa: BLE001 - reported, the run goes on
+                        row[label] = {"error": repr(e)[:300]}
+                    finally:
+                        gemv.TACTICS["max_m"] = saved
             for m, r in row.items():
                 if "us" in r:
                     r["GBps"] = r["bytes"] / r["us"] / 1e3
@@ -104,39 +120,62 @@ def bench_all(rows: list[int]) -> dict:
     return out
 
 
-def _grid(method: str, rows: int, keys: tuple[str, ...], grid) -> dict:
-    """Best of ``grid`` (tuples of values for ``keys``) by summed time over the four shapes."""
-    saved = dict(qg.TACTICS)
-    ws = {name: quant_copies(method, n, k) for name, (n, k) in SHAPES.items()}
+def _grid(method: str, rows: int, keys: tuple[str, ...], grid, module=qg, fixed: dict | None = None) -> dict:
+    """Best of ``grid`` (tuples of values for ``keys`` in ``module.TACTICS``) by summed time over the four
+    shapes; ``method`` 'bf16' times the float linear's dispatch (``ops.linear``'s CUDA path). ``fixed``:
+    gemv tactics held during the sweep (e.g. ``max_m=0`` to time the MMA decode tiling at one row)."""
+    from llmc.plugins import triton_kernels as tk
+
+    saved, saved_gemv = dict(module.TACTICS), dict(gemv.TACTICS)
+    gemv.TACTICS.update(fixed or {})
+    if method == "bf16":
+        ws = {name: copies(lambda n=n, k=k: torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, n * k * 2)
+              for name, (n, k) in SHAPES.items()}
+        fn = lambda w, x: lambda: tk.linear(x, w)  # noqa: E731
+    else:
+        ws = {name: quant_copies(method, n, k) for name, (n, k) in SHAPES.items()}
+        fn = lambda t, x: call(method, t, x)  # noqa: E731
     xs = {name: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for name, (n, k) in SHAPES.items()}
     default = [saved[k] for k in keys]
     rows_out = []
     for cfg in grid:
-        qg.TACTICS.update(dict(zip(keys, cfg)))
+        module.TACTICS.update(dict(zip(keys, cfg)))
         try:
-            total = sum(timed([call(method, t, xs[s]) for t in ws[s]]) for s in SHAPES)
-            rows_out.append({"cfg": list(cfg), "us_total": total})
+            per = {s: timed([fn(t, xs[s]) for t in ws[s]]) for s in SHAPES}
+            rows_out.append({"cfg": list(cfg), "us_total": sum(per.values()), "us": per})
         except Exception as e:  # noqa: BLE001 - an invalid variant is skipped
             rows_out.append({"cfg": list(cfg), "error": repr(e)[:120]})
-        qg.TACTICS.clear()
-        qg.TACTICS.update(saved)
+        module.TACTICS.clear()
+        module.TACTICS.update(saved)
+    gemv.TACTICS.clear()
+    gemv.TACTICS.update(saved_gemv)
+    del ws
+    torch.cuda.empty_cache()
     ok = sorted((r for r in rows_out if "us_total" in r), key=lambda r: r["us_total"])
+    per_shape = {s: min(ok, key=lambda r: r["us"][s]) for s in SHAPES} if ok else {}
     return {"keys": keys, "best": ok[0] if ok else None, "top5": ok[:5], "n_variants": len(rows_out),
+            "best_per_shape": {s: {"cfg": r["cfg"], "us": r["us"][s]} for s, r in per_shape.items()},
             "default_us_total": next((r["us_total"] for r in ok if r["cfg"] == default), None)}
 
 
 def sweep() -> dict:
-    gemv = ("gemv_block_n", "gemv_block_k", "gemv_num_warps", "gemv_words")
+    gemv_keys = ("gemv_block_n", "gemv_block_k", "gemv_num_warps", "gemv_words")
     gemv_grid = list(itertools.product((16, 32, 64), (256, 512, 1024), (4, 8), (0, 1)))
-    small = ("small_block_n", "small_block_k", "fuse_act_quant", "small_swap")
-    small_grid = list(itertools.product((32, 64), (128, 256), (0, 1), (0, 1)))
-    return {"int4_m1_gemv": _grid("int4", 1, gemv, gemv_grid), "fp8_m1": _grid("fp8", 1, small, small_grid)}
+    small = ("small_block_n", "small_block_k", "small_num_stages", "small_target_programs")
+    small_grid = list(itertools.product((32, 64, 128), (128, 256, 512), (4, 6), (264, 528)))
+    tiles = ("block_n", "block_k", "num_warps", "evict_first")
+    tile_grid = list(itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (0, 1)))
+    return {"bf16_m1_gemv": _grid("bf16", 1, tiles, tile_grid, module=gemv),
+            "fp8_m1_mma": _grid("fp8", 1, small, small_grid, fixed={"max_m": 0}),
+            "int4_m1_gemv": _grid("int4", 1, gemv_keys, gemv_grid),
+            "fp8_m1_gemv": _grid("fp8", 1, tiles, tile_grid[::3], module=gemv)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--rows", default="1,16,64,256")
+    ap.add_argument("--rows", default="1,2,4,8,16,64,256")
+    ap.add_argument("--sweep-only", action="store_true", help="skip the GEMM table")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA GPU: this benchmark needs one"}))
@@ -144,10 +183,11 @@ def main() -> None:
     import triton
 
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "weights": "random", "group_size": GROUP, "tactics": dict(qg.TACTICS), "copy_GBps": copy_gbps()}
-    res["gemm"] = bench_all([int(r) for r in a.rows.split(",")])
+           "weights": "random", "group_size": GROUP, "tactics": dict(qg.TACTICS), "gemv_tactics": dict(gemv.TACTICS), "copy_GBps": copy_gbps()}
+    if not a.sweep_only:
+        res["gemm"] = bench_all([int(r) for r in a.rows.split(",")])
     print(json.dumps(res, indent=1), flush=True)  # one JSON object per section: a cut-off run keeps the first
-    if a.sweep:
+    if a.sweep or a.sweep_only:
         print(json.dumps({"sweep": sweep()}, indent=1))
 
 

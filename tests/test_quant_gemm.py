@@ -20,6 +20,7 @@ pytest.importorskip("triton", reason="triton is not installed: the quantized GEM
 from llmc.config import QuantConfig  # noqa: E402
 from llmc.convert import quantize as qz  # noqa: E402
 from llmc.models import quant_linear as ql  # noqa: E402
+from llmc.plugins import gemv  # noqa: E402
 from llmc.plugins import quant_gemm as qg  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -137,6 +138,7 @@ def test_qgemm_llama_shapes_gpu(method, m):
 def test_decode_tiling_orientations_agree(method, swap, monkeypatch):
     """The decode tiling computes W x^T (swap) or x W^T; both match the reference, 16- and 32-row tiles."""
     monkeypatch.setitem(qg.TACTICS, "small_swap", swap)
+    monkeypatch.setitem(gemv.TACTICS, "max_m", 0)  # 3 rows would take the GEMV
     layer = make_layer(method, 256, 48, group=128, bias=True, seed=21 + swap)
     for m in (3, 27):
         x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m))

@@ -17,6 +17,7 @@ pytest.importorskip("triton", reason="triton is not installed: the tuner times T
 from llmc.build import tuning  # noqa: E402
 from llmc.config import BuildConfig, ModelConfig, QuantConfig  # noqa: E402
 from llmc.errors import ConfigError  # noqa: E402
+from llmc.plugins import gemv  # noqa: E402
 from llmc.plugins import quant_gemm as qg  # noqa: E402
 from llmc.plugins import triton_kernels as tk  # noqa: E402
 
@@ -93,7 +94,21 @@ def test_decode_grid_times_unpipelined_loads_and_short_contexts(kv):
     assert res["winner"] == {"decode_q8_block_n": 128, "decode_q8_num_warps": 4, "decode_q8_num_stages": 1}
 
 
-def test_fp8_tunes_the_library_crossover_with_earlier_winners_applied():
+def fewer_gemv_tiles(monkeypatch) -> None:
+    """The interpreter runs every GEMV candidate on every case: time 4 tile variants, not the whole grid."""
+    real = tuning._gemv_families
+
+    def trimmed(*args):
+        fams = real(*args)
+        for fam in fams:
+            fam.candidates = fam.candidates[:4] if fam.keys != ("max_m",) else fam.candidates
+            if fam.keys != ("max_m",):
+                fam.candidates.append((16, 512, 4, 1))
+        return fams
+    monkeypatch.setattr(tuning, "_gemv_families", trimmed)
+
+
+def test_fp8_tunes_the_library_crossover_with_earlier_winners_applied(monkeypatch):
     """fp8 engines also time from how many rows cuBLASLt's FP8 GEMM beats the decode tiling (batched decode);
     that family runs with the decode-rows winner in place, and every table is restored afterwards."""
     saved = dict(qg.TACTICS)
@@ -103,13 +118,38 @@ def test_fp8_tunes_the_library_crossover_with_earlier_winners_applied():
         fn()
         seen.append((qg.TACTICS["small_block_n"], qg.TACTICS["scaled_mm_min_m"]))
         return 1.0 + abs(qg.TACTICS["small_block_n"] - 64) + abs(qg.TACTICS["scaled_mm_min_m"] - 33) / 100
+    fewer_gemv_tiles(monkeypatch)
     res = tuning.tune(TINY, SMALL, QuantConfig("fp8"), device=DEV, timer=timer, show_progress=False,
                       seconds_per_family=300)
     names = [f["family"] for f in res["tuning"]["families"]]
-    assert names[-2:] == ["fp8 GEMM (decode rows)", "fp8 library GEMM from M rows"]
+    assert names[-4:] == ["fp8 GEMM (decode rows)", "fp8 library GEMM from M rows", "GEMV (1 row)",
+                          "GEMV up to M rows"]
     assert res["quant_gemm"]["small_block_n"] == 64 and res["quant_gemm"]["scaled_mm_min_m"] == 33
     assert all(bn == 64 for bn, m in seen if m != saved["scaled_mm_min_m"])  # crossover timed with the winner
     assert qg.TACTICS == saved
+
+
+def test_unquantized_engines_tune_the_gemv_tiles_then_its_row_limit(monkeypatch):
+    """A bf16/fp32 engine's linears are cuBLAS or the GEMV: the GEMV's tiles are timed at one row, then the
+    row limit with the winning tiles in place; the quantized-GEMM families do not run."""
+    saved = dict(gemv.TACTICS)
+    seen = []
+
+    def timer(fn):
+        fn()
+        seen.append((gemv.TACTICS["block_n"], gemv.TACTICS["max_m"]))
+        return 1.0 + abs(gemv.TACTICS["block_n"] - 16) + abs(gemv.TACTICS["max_m"] - 2) / 100
+    fewer_gemv_tiles(monkeypatch)
+    res = tuning.tune(TINY, SMALL, QuantConfig("none"), device=DEV, timer=timer, show_progress=False,
+                      seconds_per_family=300)
+    names = [f["family"] for f in res["tuning"]["families"]]
+    assert names == ["attention decode", "attention prefill", "GEMV (1 row)", "GEMV up to M rows"]
+    assert res["gemv"]["block_n"] == 16 and res["gemv"]["max_m"] == 2
+    assert all(bn == 16 for bn, m in seen if m != saved["max_m"])
+    assert gemv.TACTICS == saved
+    tuning.apply_tactics({"gemv": res["gemv"]})
+    assert gemv.TACTICS["max_m"] == 2
+    gemv.TACTICS.update(saved)
 
 
 def test_build_stores_tactics_and_runner_applies_them(tiny_factory, tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from llmc.config import BuildConfig, ModelConfig, QuantConfig
 from llmc.errors import ConfigError
 
-TUNABLE_MODULES = ("triton_kernels", "quant_gemm")
+TUNABLE_MODULES = ("triton_kernels", "quant_gemm", "gemv")
 Timer = Callable[[Callable[[], Any]], float]
 
 
@@ -106,14 +106,48 @@ def _attention_families(model: ModelConfig, build: BuildConfig, device: str, dty
     ]
 
 
+def _projection_shapes(model: ModelConfig) -> list[tuple[int, int]]:
+    """``(N, K)`` of the fused QKV, O, fused gate/up and down projections."""
+    h, i = model.hidden_size, model.intermediate_size
+    qkv = (model.num_attention_heads + 2 * model.num_key_value_heads) * model.head_dim
+    return [(qkv, h), (h, model.num_attention_heads * model.head_dim), (2 * i, h), (h, i)]
+
+
+def _gemv_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: torch.dtype) -> list[Family]:
+    """The decode-rows GEMV (``gemv.py``): its tiling at one row, then up to how many rows it beats the MMA
+    GEMMs it replaces (cuBLAS for float weights, the decode tiling for 8-bit ones; timed after those won)."""
+    from llmc.convert.quantize import quantize_projection
+    from llmc.plugins import quant_gemm as qg
+    from llmc.plugins import triton_kernels as tk
+
+    method = quant.method if quant.enabled else None
+    if method in ("int4", "int4-awq"):
+        return []  # int4 rows have their own GEMV (quant_gemm's gemv_* tactics); only the LM head is 16-bit
+    g = torch.Generator().manual_seed(2)
+    calls = []
+    for n, k in _projection_shapes(model):
+        w = torch.randn(n, k, generator=g) * 0.02
+        if method is None:
+            wd = w.to(device, dtype)
+            calls.append((k, lambda x, wd=wd: tk.linear(x, wd)))
+        else:
+            t = {name: v.to(device) for name, v in quantize_projection(method, w, None).items()}
+            isc = torch.ones(k, device=device) if method == "w8a8" else None
+            calls.append((k, lambda x, t=t, isc=isc: qg.qgemm(x, method, t["qweight"], t["scales"], None, 0, isc)))
+
+    def cases(rows: int) -> list[Callable[[], torch.Tensor]]:
+        return [lambda f=f, x=torch.randn(rows, k, generator=g).to(device, dtype): f(x) for k, f in calls]
+    tiles = list(itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (0, 1)))
+    return [Family("GEMV (1 row)", "gemv", ("block_n", "block_k", "num_warps", "evict_first"), tiles, cases(1)),
+            Family("GEMV up to M rows", "gemv", ("max_m",), [(0,), (1,), (2,), (4,)], cases(1) + cases(2) + cases(4))]
+
+
 def _gemm_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: torch.dtype) -> list[Family]:
     from llmc.convert.quantize import quantize_projection
     from llmc.models.quant_linear import group_size_of
     from llmc.plugins import quant_gemm as qg
 
-    h, i = model.hidden_size, model.intermediate_size
-    qkv = (model.num_attention_heads + 2 * model.num_key_value_heads) * model.head_dim
-    shapes = [(qkv, h), (h, model.num_attention_heads * model.head_dim), (2 * i, h), (h, i)]
+    shapes = _projection_shapes(model)
     group = group_size_of(quant) if quant.method in ("int4", "int4-awq") else 0
     g = torch.Generator().manual_seed(1)
     cases, projections = [], []
@@ -122,7 +156,8 @@ def _gemm_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: t
              quantize_projection(quant.method, torch.randn(n, k, generator=g) * 0.02, group or None).items()}
         isc = torch.ones(k, device=device) if quant.method in ("int4-awq", "w8a8") else None
         projections.append((k, t, isc))
-        x = torch.randn(1, k, generator=g).to(device, dtype)
+        # one row for int4 (its GEMV); 16 for 8-bit weights, whose fewest rows take gemv.py instead
+        x = torch.randn(1 if group else 16, k, generator=g).to(device, dtype)
         sg = t["scales"].t().contiguous() if group else None
         zg = t["zeros"].t().contiguous() if group else None
         cases.append(lambda x=x, t=t, isc=isc, sg=sg, zg=zg: qg.qgemm(
@@ -201,6 +236,7 @@ def tune(model: ModelConfig, build: BuildConfig, quant: QuantConfig, device: str
     fams = _attention_families(model, build, device, dtype)
     if quant.enabled:
         fams += _gemm_families(model, quant, device, dtype)
+    fams += _gemv_families(model, quant, device, dtype)
     tol = 1e-3 if dtype == torch.float32 else 3e-2
     out: dict[str, Any] = {}
     record = []

@@ -7,10 +7,10 @@ per-input-channel tensor (smoothing/AWQ scales) must be identical across the par
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmc.config import QuantConfig
+from llmc.plugins import ops
 
 
 class Linear(nn.Module):
@@ -24,7 +24,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return ops.linear(x, self.weight, self.bias)
 
 
 def make_linear(in_features: int, out_features: int, bias: bool, quant: QuantConfig | None,

@@ -165,7 +165,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = torch.nn.functional.linear(hidden, w).float()
+        logits = ops.linear(hidden, w).float()
         if self.tp is not None:
             logits = self.tp.all_gather_last(logits)[..., : self.config.vocab_size]
         return logits

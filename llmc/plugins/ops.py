@@ -47,6 +47,12 @@ def register(name: str) -> Callable[[Callable], Callable]:
     return deco
 
 
+def linear(x, weight, bias=None) -> torch.Tensor:
+    """``x @ weight^T + bias`` for a float weight; on the GPU, decode rows stream it through ``gemv.py``."""
+    fn = _fast("linear", x)
+    return fn(x, weight, bias) if fn is not None else torch.nn.functional.linear(x, weight, bias)
+
+
 def write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
     """Scales given: a quantized cache (quantize on write, see ``metadata.py``)."""
     (_fast("write_kv", k) or reference.write_kv)(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)

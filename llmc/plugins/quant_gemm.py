@@ -16,8 +16,9 @@ per weight instead of 2:
   (int8 x int8 -> int32, e4m3 x e4m3 -> fp32 tensor-core instructions), exact per tile, so the result
   equals the reference's up to summation order.
 
-Small batches (decode: M <= 16) pad M to one 16-row tile and, where the grid over N alone would leave SMs
-idle, split K across programs whose fp32 partials a second kernel sums (adding the bias and casting).
+The fewest rows (``gemv.TACTICS["max_m"]``, int8/fp8 weights) stream the weight through ``gemv.py`` on
+the CUDA cores instead. Other small batches (decode: M <= 64) pad M to a 16..64-row tile and, where the grid
+over N alone would leave SMs idle, split K across programs whose fp32 partials a second kernel sums (adding the bias and casting).
 Large batches (prefill) use 64-row tiles; FP8 with many rows goes to ``torch._scaled_mm`` (cuBLASLt
 row-wise scaling, FP8 tensor cores) and W8A8 to ``torch._int_mm`` where they apply. Every launch takes its
 grid from host ints (tensor shapes), so a step stays capturable in a CUDA graph.
@@ -28,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmc.plugins import gemv
 from llmc.plugins.act_quant import (QUANTIZED_INPUT_METHODS, QuantizedRows, check_quantized_input, empty_rows,
                                     quantize_rows)
 from llmc.plugins.triton_compat import INTERPRET as _INTERPRET
@@ -445,6 +447,8 @@ def qgemm(x: torch.Tensor | QuantizedRows, method: str, qweight: torch.Tensor, s
             if bias is not None:
                 y = y + bias.float()
             return y.to(out.dtype)
+    if not w_int4 and not fuse and (x_quant or input_scale is None) and gemv.applies(m):
+        return gemv.gemv(x, qweight, bias, xs, scales, out.dtype)
     if w_int4:
         if k % group or group % 16:
             raise ValueError(f"int4 GEMM needs K ({k}) a multiple of the group size ({group}) and group % 16 == 0")
@@ -466,6 +470,8 @@ def qgemm(x: torch.Tensor | QuantizedRows, method: str, qweight: torch.Tensor, s
         bm, bn, bk = TACTICS["large_block_m"], TACTICS["large_block_n"], TACTICS["large_block_k"]
         warps, stages = TACTICS["large_num_warps"], TACTICS["large_num_stages"]
     bk = _pow2_at_most(min(bk, group) if w_int4 else bk, k)
+    while k % bk and bk > 16:  # e.g. K = 576 (SmolLM2): 64-wide tiles, not a refusal
+        bk //= 2
     if k % bk:
         raise ValueError(f"quantized GEMM: K={k} must be a multiple of 16")
     grid_mn = triton.cdiv(m, bm) * triton.cdiv(n, bn)

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llmc.plugins import gemv
 from llmc.plugins.act_quant import QuantizedRows, empty_rows
 from llmc.plugins.kv_layout import KV_QMAX
 from llmc.plugins.metadata import AttentionMetadata
@@ -702,6 +703,15 @@ def _rms(x, residual, weight, eps, method=None, input_scale=None):
                                   num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16))
     normed = QuantizedRows(q, s, x.dtype) if q is not None else out.view(x.shape)
     return normed, res_out.view(x.shape)
+
+
+@register("linear")
+def linear(x, weight, bias=None) -> torch.Tensor:
+    """Decode rows stream the weight through ``gemv.py``; more rows go to cuBLAS."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not gemv.applies(rows):
+        return torch.nn.functional.linear(x, weight, bias)
+    return gemv.gemv(x.reshape(rows, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
 
 
 @register("rms_norm")

@@ -1,0 +1,144 @@
+"""Weight-streaming GEMV for decode rows: ``y [M, N] = x [M, K] @ W^T (+ b)`` for a few rows (M <= ``max_m``).
+
+At batch 1 a decode step is a pass over every weight once, so the step time is the weight bytes over the
+rate at which the linears stream them. An MMA tile pads one row to 16 (cuBLAS, our ``qgemm`` decode tiling)
+and the library GEMMs split K with a second reduction launch; this kernel instead gives each program
+``BLOCK_N`` whole weight rows, streams them in ``BLOCK_K`` chunks as 16-byte vector loads and keeps an
+element-wise fp32 accumulator on the CUDA cores, reduced once at the end. Programs never share outputs, so
+there is no split-K reduction and no atomics: one launch per linear, grid from host ints (graph-capturable).
+
+Weights are 16-bit/fp32 (the unquantized ``Linear`` and the LM head), or 8-bit (int8 / fp8 e4m3) with a
+per-output-channel scale applied in the epilogue. Activations are float rows, or per-token quantized rows
+(``act_quant.QuantizedRows``: fp8/w8a8) whose scale is applied in the epilogue too, so a quantized product
+``q_x * q_w`` is exact in fp32 and the result equals the reference up to summation order.
+The CPU reference is ``F.linear`` (or ``QuantLinear``'s forward for 8-bit weights).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llmc.plugins.triton_compat import INTERPRET as _INTERPRET
+
+TACTICS: dict[str, int] = {
+    "max_m": 4,         # rows up to this (at most 4) use the GEMV (0: never); more go to the MMA GEMMs
+    "block_n": 8,       # weight rows per program
+    "block_k": 512,     # elements per row per load at one activation row (halved per doubling of rows)
+    "num_warps": 4,
+    "evict_first": 1,   # weights are read once per step: keep L2 for the activations
+}
+
+
+@triton.jit
+def _row_product(x_ptr, stride_xm, row: tl.constexpr, M, x_offs, w, mask):
+    """Row ``row``'s activations loaded in the weight tile's own [BLOCK_N, BLOCK_K] shape (every weight row
+    reads the same addresses, served by L1), times the tile: no layout conversion through shared memory."""
+    x = tl.load(x_ptr + row * stride_xm + x_offs, mask=mask & (row < M))
+    return x.to(tl.float32) * w
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                 X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 EVICT_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """``BLOCK_N`` output channels for all ``M`` (<= ``BLOCK_M`` <= 4) rows: every weight byte is read once,
+    one element-wise accumulator per row. Whole K tiles run unmasked; the ragged tail (K % BLOCK_K, e.g.
+    Llama's 11,008) is masked and zeroed with ``where`` (a masked load has no defined value, and fp8 has no
+    literal zero for ``other``)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    w_offs = offs_n[:, None] * stride_wn + offs_k[None, :]
+    x_offs = offs_n[:, None] * 0 + offs_k[None, :]
+    full = n_mask[:, None] & (offs_k[None, :] >= 0)
+    acc0 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    k_full = K - K % BLOCK_K
+    for k0 in range(0, k_full, BLOCK_K):
+        if EVICT_FIRST:
+            w = tl.load(w_ptr + k0 + w_offs, mask=full, eviction_policy="evict_first").to(tl.float32)
+        else:
+            w = tl.load(w_ptr + k0 + w_offs, mask=full).to(tl.float32)
+        acc0 += _row_product(x_ptr + k0, stride_xm, 0, M, x_offs, w, full)
+        if BLOCK_M > 1:
+            acc1 += _row_product(x_ptr + k0, stride_xm, 1, M, x_offs, w, full)
+        if BLOCK_M > 2:
+            acc2 += _row_product(x_ptr + k0, stride_xm, 2, M, x_offs, w, full)
+            acc3 += _row_product(x_ptr + k0, stride_xm, 3, M, x_offs, w, full)
+    if k_full < K:
+        tail = n_mask[:, None] & ((k_full + offs_k) < K)[None, :]
+        w = tl.load(w_ptr + k_full + w_offs, mask=tail).to(tl.float32)
+        acc0 += tl.where(tail, _row_product(x_ptr + k_full, stride_xm, 0, M, x_offs, w, tail), 0.0)
+        if BLOCK_M > 1:
+            acc1 += tl.where(tail, _row_product(x_ptr + k_full, stride_xm, 1, M, x_offs, w, tail), 0.0)
+        if BLOCK_M > 2:
+            acc2 += tl.where(tail, _row_product(x_ptr + k_full, stride_xm, 2, M, x_offs, w, tail), 0.0)
+            acc3 += tl.where(tail, _row_product(x_ptr + k_full, stride_xm, 3, M, x_offs, w, tail), 0.0)
+    ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0) if W_SCALED else None
+    bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) if HAS_BIAS else None
+    _store_row(tl.sum(acc0, axis=1), 0, M, xs_ptr, ws, bias, out_ptr, stride_om, offs_n, n_mask,
+               X_SCALED, W_SCALED, HAS_BIAS)
+    if BLOCK_M > 1:
+        _store_row(tl.sum(acc1, axis=1), 1, M, xs_ptr, ws, bias, out_ptr, stride_om, offs_n, n_mask,
+                   X_SCALED, W_SCALED, HAS_BIAS)
+    if BLOCK_M > 2:
+        _store_row(tl.sum(acc2, axis=1), 2, M, xs_ptr, ws, bias, out_ptr, stride_om, offs_n, n_mask,
+                   X_SCALED, W_SCALED, HAS_BIAS)
+        _store_row(tl.sum(acc3, axis=1), 3, M, xs_ptr, ws, bias, out_ptr, stride_om, offs_n, n_mask,
+                   X_SCALED, W_SCALED, HAS_BIAS)
+
+
+@triton.jit
+def _store_row(y, row: tl.constexpr, M, xs_ptr, ws, bias, out_ptr, stride_om, offs_n, n_mask,
+               X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Epilogue of one row: channel scale, token scale, bias, cast, store (rows past ``M`` are skipped)."""
+    if W_SCALED:
+        y = y * ws
+    if X_SCALED:
+        y = y * tl.load(xs_ptr + row, mask=row < M, other=0.0)
+    if HAS_BIAS:
+        y += bias
+    tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask & (row < M))
+
+
+MAX_ROWS = 4  # the kernel keeps one accumulator per row, up to this many
+
+
+def applies(rows: int) -> bool:
+    """Whether ``rows`` activation rows take the GEMV (on a CUDA tensor; the caller checks the device)."""
+    return 0 < rows <= min(TACTICS["max_m"], MAX_ROWS)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
+         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(x * x_scale[:, None]) @ (weight * w_scale[:, None])^T + bias`` for ``x [M, K]``, ``weight [N, K]``.
+
+    ``x_scale [M]`` / ``w_scale [N]`` (fp32) are given for quantized rows / 8-bit weights; ``out_dtype``
+    defaults to ``x``'s dtype (pass the rows' float dtype for quantized ``x``)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"GEMV: x has {k} columns but the weight {tuple(weight.shape)} expects {weight.shape[1]}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
+    if m == 0:
+        return out
+    if m > MAX_ROWS:
+        raise ValueError(f"GEMV: {m} rows, at most {MAX_ROWS}; larger batches take the MMA GEMMs")
+    bm = triton.next_power_of_2(m)
+    bn = TACTICS["block_n"]
+    bk = max(64, TACTICS["block_k"] // bm)  # bm accumulators of bn x bk: keep them in registers
+    dummy = weight
+    _gemv_kernel[(triton.cdiv(n, bn),)](
+        x, x_scale if x_scale is not None else dummy, weight, w_scale if w_scale is not None else dummy,
+        bias if bias is not None else dummy, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        X_SCALED=x_scale is not None, W_SCALED=w_scale is not None, HAS_BIAS=bias is not None,
+        EVICT_FIRST=bool(TACTICS["evict_first"]) and not _INTERPRET, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=TACTICS["num_warps"])
+    return out
