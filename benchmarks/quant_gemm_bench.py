@@ -96,12 +96,12 @@ def bench_all(rows: list[int]) -> dict:
             if m_rows <= GEMV_ROWS:
                 row["bf16_gemv"] = {"us": timed([lambda w=w: gemv.gemv(x, w) for w in wbs]), "bytes": n * k * 2}
             for m in METHODS:
-                variants = [(m, gemv.TACTICS["max_m"])]
+                variants = [(m, gemv.TACTICS["q8_max_m"])]
                 if m_rows <= GEMV_ROWS and m != "int4":  # 8-bit weights: the GEMV and the MMA decode tiling
                     variants = [(m + "_gemv", GEMV_ROWS), (m + "_mma", 0)]
                 for label, max_m in variants:
-                    saved = gemv.TACTICS["max_m"]
-                    gemv.TACTICS["max_m"] = max_m
+                    saved = gemv.TACTICS["q8_max_m"]
+                    gemv.TACTICS["q8_max_m"] = max_m
                     try:
                         fns = [call(m, t, x) for t in qs[m]]
                         fns[0]()
@@ -109,7 +109,7 @@ def bench_all(rows: list[int]) -> dict:
                     except Exception as e:  # noqa: BLE001 - reported, the run goes on
                         row[label] = {"error": repr(e)[:300]}
                     finally:
-                        gemv.TACTICS["max_m"] = saved
+                        gemv.TACTICS["q8_max_m"] = saved
             for m, r in row.items():
                 if "us" in r:
                     r["GBps"] = r["bytes"] / r["us"] / 1e3
@@ -123,7 +123,7 @@ def bench_all(rows: list[int]) -> dict:
 def _grid(method: str, rows: int, keys: tuple[str, ...], grid, module=qg, fixed: dict | None = None) -> dict:
     """Best of ``grid`` (tuples of values for ``keys`` in ``module.TACTICS``) by summed time over the four
     shapes; ``method`` 'bf16' times the float linear's dispatch (``ops.linear``'s CUDA path). ``fixed``:
-    gemv tactics held during the sweep (e.g. ``max_m=0`` to time the MMA decode tiling at one row)."""
+    gemv tactics held during the sweep (e.g. ``q8_max_m=0`` to time the MMA decode tiling at one row)."""
     from llmc.plugins import triton_kernels as tk
 
     saved, saved_gemv = dict(module.TACTICS), dict(gemv.TACTICS)
@@ -166,9 +166,10 @@ def sweep() -> dict:
     tiles = ("block_n", "block_k", "num_warps", "evict_first")
     tile_grid = list(itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (0, 1)))
     return {"bf16_m1_gemv": _grid("bf16", 1, tiles, tile_grid, module=gemv),
-            "fp8_m1_mma": _grid("fp8", 1, small, small_grid, fixed={"max_m": 0}),
+            "fp8_m1_mma": _grid("fp8", 1, small, small_grid, fixed={"q8_max_m": 0}),
             "int4_m1_gemv": _grid("int4", 1, gemv_keys, gemv_grid),
-            "fp8_m1_gemv": _grid("fp8", 1, tiles, tile_grid[::3], module=gemv)}
+            "fp8_m1_gemv": _grid("fp8", 1, tuple("q8_" + t for t in tiles[:3]), sorted({c[:3] for c in tile_grid}),
+                                 module=gemv, fixed={"q8_max_m": 1})}
 
 
 def main() -> None:

@@ -60,7 +60,8 @@ def test_gemv_rejects_mismatched_shapes():
 def test_qgemm_decode_rows_take_the_gemv_and_match(method, m, monkeypatch):
     """int8 weights with float rows (W8A16), fp8 and int8 W8A8 (quantized rows, SmoothQuant's input scale):
     the GEMV equals the reference and the MMA decode tiling it replaces."""
-    monkeypatch.setitem(gemv.TACTICS, "block_k", 128)
+    monkeypatch.setitem(gemv.TACTICS, "q8_block_k", 128)
+    monkeypatch.setitem(gemv.TACTICS, "q8_max_m", 4)
     layer = make_layer(method, 448, 72, group=0, bias=True, seed=60 + m)
     x = torch.randn(m, 448, generator=_gen(70 + m)) * 2
     out = run_kernel(layer, x)
@@ -68,7 +69,7 @@ def test_qgemm_decode_rows_take_the_gemv_and_match(method, m, monkeypatch):
     monkeypatch.setattr(gemv, "gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     run_kernel(layer, x)
     assert calls, "decode rows did not take the GEMV"
-    monkeypatch.setitem(gemv.TACTICS, "max_m", 0)
+    monkeypatch.setitem(gemv.TACTICS, "q8_max_m", 0)
     mma = run_kernel(layer, x)
     torch.testing.assert_close(out, layer(x), atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(out, mma, atol=2e-4, rtol=1e-4)
@@ -95,11 +96,12 @@ def test_qgemm_quantized_rows_in_bf16(monkeypatch):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("n,k", [(12288, 4096), (4096, 11008), (32000, 4096)])
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
-def test_gemv_llama_shapes_gpu(n, k, m):
+def test_gemv_llama_shapes_gpu(n, k, m, monkeypatch):
     """Llama-2-7B's QKV, down projection (ragged K for 512-wide tiles) and LM head in bf16, on the tensor
-    dispatch the model uses (``ops.linear``)."""
+    dispatch the model uses (``ops.linear``), up to the kernel's 4 rows."""
     from llmc.plugins import ops
 
+    monkeypatch.setitem(gemv.TACTICS, "max_m", 4)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     out = ops.linear(x, w).float()

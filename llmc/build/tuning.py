@@ -137,9 +137,16 @@ def _gemv_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: t
 
     def cases(rows: int) -> list[Callable[[], torch.Tensor]]:
         return [lambda f=f, x=torch.randn(rows, k, generator=g).to(device, dtype): f(x) for k, f in calls]
-    tiles = list(itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (0, 1)))
-    return [Family("GEMV (1 row)", "gemv", ("block_n", "block_k", "num_warps", "evict_first"), tiles, cases(1)),
-            Family("GEMV up to M rows", "gemv", ("max_m",), [(0,), (1,), (2,), (4,)], cases(1) + cases(2) + cases(4))]
+    if method is None:
+        keys, tiles = ("block_n", "block_k", "num_warps", "evict_first"), itertools.product(
+            (4, 8, 16), (256, 512, 1024), (4, 8), (0, 1))
+    else:  # 8-bit weights have their own tiles; evict_first stays the 16-bit LM head's
+        keys, tiles = ("q8_block_n", "q8_block_k", "q8_num_warps"), itertools.product((4, 8, 16), (256, 512, 1024),
+                                                                                       (4, 8))
+    rows_key = "max_m" if method is None else "q8_max_m"
+    return [Family("GEMV (1 row)", "gemv", keys, list(tiles), cases(1)),
+            Family("GEMV up to M rows", "gemv", (rows_key,), [(0,), (1,), (2,), (4,)],
+                   cases(1) + cases(2) + cases(4))]
 
 
 def _gemm_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: torch.dtype) -> list[Family]:

@@ -22,11 +22,19 @@ import triton.language as tl
 from llmc.plugins.triton_compat import INTERPRET as _INTERPRET
 
 TACTICS: dict[str, int] = {
-    "max_m": 4,         # rows up to this (at most 4) use the GEMV (0: never); more go to the MMA GEMMs
-    "block_n": 8,       # weight rows per program
+    # 16-bit / fp32 weights. H200 sweep at one row over Llama-2-7B's four projections (quant_gemm_bench.py
+    # --sweep): 4 x 512 x 4 warps 109.5 us in all, cuBLAS 114.3 us; at 2 and 4 rows cuBLAS wins.
+    "max_m": 1,         # rows up to this (at most 4) use the GEMV (0: never); more go to cuBLAS
+    "block_n": 4,       # weight rows per program
     "block_k": 512,     # elements per row per load at one activation row (halved per doubling of rows)
     "num_warps": 4,
     "evict_first": 1,   # weights are read once per step: keep L2 for the activations
+    # 8-bit (int8 / fp8) weights: the CUDA cores convert every byte, so fewer, wider programs. H200, fp8 at
+    # one row: 4 x 256 x 8 warps 81.7 us, the MMA decode tiling 85.7 us (80.8 tuned), 2 rows 2x slower.
+    "q8_max_m": 1,
+    "q8_block_n": 4,
+    "q8_block_k": 256,
+    "q8_num_warps": 8,
 }
 
 
@@ -108,9 +116,14 @@ def _store_row(y, row: tl.constexpr, M, xs_ptr, ws, bias, out_ptr, stride_om, of
 MAX_ROWS = 4  # the kernel keeps one accumulator per row, up to this many
 
 
-def applies(rows: int) -> bool:
-    """Whether ``rows`` activation rows take the GEMV (on a CUDA tensor; the caller checks the device)."""
-    return 0 < rows <= min(TACTICS["max_m"], MAX_ROWS)
+def _key(name: str, weight_bytes: int) -> str:
+    return "q8_" + name if weight_bytes == 1 else name
+
+
+def applies(rows: int, weight_bytes: int = 2) -> bool:
+    """Whether ``rows`` activation rows against a weight of ``weight_bytes`` per element take the GEMV (on a
+    CUDA tensor; the caller checks the device)."""
+    return 0 < rows <= min(TACTICS[_key("max_m", weight_bytes)], MAX_ROWS)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -132,13 +145,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if m > MAX_ROWS:
         raise ValueError(f"GEMV: {m} rows, at most {MAX_ROWS}; larger batches take the MMA GEMMs")
     bm = triton.next_power_of_2(m)
-    bn = TACTICS["block_n"]
-    bk = max(64, TACTICS["block_k"] // bm)  # bm accumulators of bn x bk: keep them in registers
+    wb = weight.element_size()
+    bn = TACTICS[_key("block_n", wb)]
+    bk = max(64, TACTICS[_key("block_k", wb)] // bm)  # bm accumulators of bn x bk: keep them in registers
     dummy = weight
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, x_scale if x_scale is not None else dummy, weight, w_scale if w_scale is not None else dummy,
         bias if bias is not None else dummy, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         X_SCALED=x_scale is not None, W_SCALED=w_scale is not None, HAS_BIAS=bias is not None,
         EVICT_FIRST=bool(TACTICS["evict_first"]) and not _INTERPRET, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=TACTICS["num_warps"])
+        num_warps=TACTICS[_key("num_warps", wb)])
     return out
