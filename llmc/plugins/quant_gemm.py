@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from llmc.plugins import gemv
+from llmc.plugins.gemv import small_int_to_f32
 from llmc.plugins.act_quant import (QUANTIZED_INPUT_METHODS, QuantizedRows, check_quantized_input, empty_rows,
                                     quantize_rows)
 from llmc.plugins.triton_compat import INTERPRET as _INTERPRET
@@ -228,6 +229,51 @@ def _qgemm_kernel(x_ptr, xs_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, p
                  mask=mask)
 
 
+@triton.jit
+def _int4_gemv_tile(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, row, k0, K, stride_xm, stride_wn, stride_sg, offs_n, n_mask,
+                    GROUP: tl.constexpr, HAS_ISC: tl.constexpr, WORDS: tl.constexpr, MASK_K: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K tile's ``sum_k (q - z) * scale * x`` for ``BLOCK_N`` rows. ``MASK_K``: the tile is ragged (past K
+    its weights, scales and inputs read as zero); whole tiles are unmasked along K, so the packed weight is
+    read in 16-byte vectors (a per-element K mask made every load a single byte)."""
+    NG: tl.constexpr = BLOCK_K // GROUP
+    offs_g = tl.arange(0, NG)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    if MASK_K:
+        x = tl.load(x_ptr + row * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        if HAS_ISC:
+            x = x / tl.load(isc_ptr + offs_k, mask=offs_k < K, other=1.0)
+    else:
+        x = tl.load(x_ptr + row * stride_xm + offs_k).to(tl.float32)
+        if HAS_ISC:
+            x = x / tl.load(isc_ptr + offs_k)
+    if WORDS:
+        offs_w = tl.arange(0, BLOCK_K // 8)
+        wmask = n_mask[:, None] & (k0 + 8 * offs_w < K)[None, :] if MASK_K else n_mask[:, None]
+        wv = tl.load(w_ptr + offs_n[:, None] * stride_wn + k0 // 8 + offs_w[None, :], mask=wmask, other=0)
+        q = (wv[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF
+        q = tl.reshape(small_int_to_f32(q), (BLOCK_N, NG, GROUP))
+        x3 = tl.reshape(x, (NG, GROUP))
+        d = tl.sum(q * x3[None, :, :], axis=2)  # [BLOCK_N, NG]
+        xsum = tl.sum(x3, axis=1)
+    else:
+        xe, xo = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))
+        offs_j = tl.arange(0, BLOCK_K // 2)
+        wmask = n_mask[:, None] & (k0 + 2 * offs_j < K)[None, :] if MASK_K else n_mask[:, None]
+        wp = tl.load(w_ptr + offs_n[:, None] * stride_wn + k0 // 2 + offs_j[None, :], mask=wmask, other=0)
+        lo = tl.reshape(small_int_to_f32(wp & 0xF), (BLOCK_N, NG, GROUP // 2))
+        hi = tl.reshape(small_int_to_f32(wp >> 4), (BLOCK_N, NG, GROUP // 2))
+        xe3 = tl.reshape(xe, (NG, GROUP // 2))
+        xo3 = tl.reshape(xo, (NG, GROUP // 2))
+        d = tl.sum(lo * xe3[None, :, :] + hi * xo3[None, :, :], axis=2)
+        xsum = tl.sum(xe3 + xo3, axis=1)
+    gp = (k0 // GROUP + offs_g)[None, :] * stride_sg + offs_n[:, None]
+    gmask = n_mask[:, None] & (k0 + offs_g * GROUP < K)[None, :] if MASK_K else n_mask[:, None]  # whole groups
+    z = small_int_to_f32(tl.load(z_ptr + gp, mask=gmask, other=0))
+    sc = tl.load(s_ptr + gp, mask=gmask, other=0.0)
+    return tl.sum((d - z * xsum[None, :]) * sc, axis=1)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _int4_gemv_kernel(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, M, N, K, k_per_split,
                       stride_xm, stride_wn, stride_sg, stride_om, GROUP: tl.constexpr, HAS_ISC: tl.constexpr,
@@ -236,44 +282,21 @@ def _int4_gemv_kernel(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_
     """One activation row against ``BLOCK_N`` int4 rows on the CUDA cores (no MMA padding to 16 rows).
     A K tile spans ``BLOCK_K // GROUP`` whole groups; per group ``sum (q - z) x = sum q x - z sum x``.
     ``WORDS``: read the packed weight as int32 words of 8 nibbles (k = 8 * word + nibble), else as bytes.
-    The last split may be ragged: tiles past K are masked (they add zero)."""
+    A split runs its whole tiles unmasked, then at most one ragged tile (K % BLOCK_K); the last split may
+    hold fewer tiles than the others, or none."""
     row, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    NG: tl.constexpr = BLOCK_K // GROUP
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_g = tl.arange(0, NG)
+    k_start = pid_k * k_per_split
+    k_stop = tl.minimum(k_start + k_per_split, K)
+    k_full = k_start + tl.maximum(k_stop - k_start, 0) // BLOCK_K * BLOCK_K
     acc = tl.zeros((BLOCK_N,), tl.float32)
-    for i in range(0, k_per_split, BLOCK_K):
-        k0 = pid_k * k_per_split + i
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + row * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        if HAS_ISC:
-            x = x / tl.load(isc_ptr + offs_k, mask=offs_k < K, other=1.0)
-        if WORDS:
-            offs_w = tl.arange(0, BLOCK_K // 8)
-            wmask = n_mask[:, None] & (k0 + 8 * offs_w < K)[None, :]
-            wv = tl.load(w_ptr + offs_n[:, None] * stride_wn + k0 // 8 + offs_w[None, :], mask=wmask, other=0)
-            q = (wv[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF
-            q = tl.reshape(q.to(tl.float32), (BLOCK_N, NG, GROUP))
-            x3 = tl.reshape(x, (NG, GROUP))
-            d = tl.sum(q * x3[None, :, :], axis=2)  # [BLOCK_N, NG]
-            xsum = tl.sum(x3, axis=1)
-        else:
-            xe, xo = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))
-            offs_j = tl.arange(0, BLOCK_K // 2)
-            wmask = n_mask[:, None] & (k0 + 2 * offs_j < K)[None, :]
-            wp = tl.load(w_ptr + offs_n[:, None] * stride_wn + k0 // 2 + offs_j[None, :], mask=wmask, other=0)
-            lo = tl.reshape((wp & 0xF).to(tl.float32), (BLOCK_N, NG, GROUP // 2))
-            hi = tl.reshape((wp >> 4).to(tl.float32), (BLOCK_N, NG, GROUP // 2))
-            xe3 = tl.reshape(xe, (NG, GROUP // 2))
-            xo3 = tl.reshape(xo, (NG, GROUP // 2))
-            d = tl.sum(lo * xe3[None, :, :] + hi * xo3[None, :, :], axis=2)
-            xsum = tl.sum(xe3 + xo3, axis=1)
-        gp = (k0 // GROUP + offs_g)[None, :] * stride_sg + offs_n[:, None]
-        gmask = n_mask[:, None] & (k0 + offs_g * GROUP < K)[None, :]  # K % GROUP == 0: whole groups
-        z = tl.load(z_ptr + gp, mask=gmask, other=0).to(tl.float32)
-        sc = tl.load(s_ptr + gp, mask=gmask, other=0.0)
-        acc += tl.sum((d - z * xsum[None, :]) * sc, axis=1)
+    for k0 in range(k_start, k_full, BLOCK_K):
+        acc += _int4_gemv_tile(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, row, k0, K, stride_xm, stride_wn, stride_sg,
+                               offs_n, n_mask, GROUP, HAS_ISC, WORDS, False, BLOCK_N, BLOCK_K)
+    if k_full < k_stop:
+        acc += _int4_gemv_tile(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, row, k_full, K, stride_xm, stride_wn,
+                               stride_sg, offs_n, n_mask, GROUP, HAS_ISC, WORDS, True, BLOCK_N, BLOCK_K)
     if SPLIT > 1:
         tl.store(part_ptr + (pid_k * M + row) * N + offs_n, acc, mask=n_mask)
     else:
