@@ -100,8 +100,8 @@ def bench_all(rows: list[int]) -> dict:
                 if m_rows <= GEMV_ROWS and m != "int4":  # 8-bit weights: the GEMV and the MMA decode tiling
                     variants = [(m + "_gemv", GEMV_ROWS), (m + "_mma", 0)]
                 for label, max_m in variants:
-                    saved = gemv.TACTICS["q8_max_m"]
-                    gemv.TACTICS["q8_max_m"] = max_m
+                    saved = dict(gemv.TACTICS)
+                    gemv.TACTICS.update(q8_max_m=max_m, w8a8_gemv=int(max_m > 0))
                     try:
                         fns = [call(m, t, x) for t in qs[m]]
                         fns[0]()
@@ -109,7 +109,7 @@ def bench_all(rows: list[int]) -> dict:
                     except Exception as e:  # noqa: BLE001 - reported, the run goes on
                         row[label] = {"error": repr(e)[:300]}
                     finally:
-                        gemv.TACTICS["q8_max_m"] = saved
+                        gemv.TACTICS.update(saved)
             for m, r in row.items():
                 if "us" in r:
                     r["GBps"] = r["bytes"] / r["us"] / 1e3

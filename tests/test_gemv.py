@@ -62,6 +62,7 @@ def test_qgemm_decode_rows_take_the_gemv_and_match(method, m, monkeypatch):
     the GEMV equals the reference and the MMA decode tiling it replaces."""
     monkeypatch.setitem(gemv.TACTICS, "q8_block_k", 128)
     monkeypatch.setitem(gemv.TACTICS, "q8_max_m", 4)
+    monkeypatch.setitem(gemv.TACTICS, "w8a8_gemv", 1)
     layer = make_layer(method, 448, 72, group=0, bias=True, seed=60 + m)
     x = torch.randn(m, 448, generator=_gen(70 + m)) * 2
     out = run_kernel(layer, x)

@@ -151,6 +151,17 @@ def test_unquantized_engines_tune_the_gemv_tiles_then_its_row_limit(monkeypatch)
     gemv.TACTICS.update(saved)
 
 
+def test_w8a8_times_gemv_tiles_with_it_on_and_may_switch_it_on(monkeypatch):
+    """W8A8 decode rows take the MMA tiling unless the tuner finds the GEMV faster: its tile cases run the
+    GEMV, and the row-limit family decides the switch."""
+    fams = tuning._gemv_families(TINY, QuantConfig("w8a8"), DEV, torch.float32)
+    assert fams[1].keys == ("q8_max_m", "w8a8_gemv") and (1, 0) in fams[1].candidates
+    calls, real = [], gemv.gemv
+    monkeypatch.setattr(gemv, "gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    fams[0].cases[0]()
+    assert calls and gemv.TACTICS["w8a8_gemv"] == 0
+
+
 def test_build_stores_tactics_and_runner_applies_them(tiny_factory, tmp_path, monkeypatch):
     from llmc.build import builder
     from llmc.build.engine import load_engine

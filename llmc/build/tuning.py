@@ -143,10 +143,25 @@ def _gemv_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: t
     else:  # 8-bit weights have their own tiles; evict_first stays the 16-bit LM head's
         keys, tiles = ("q8_block_n", "q8_block_k", "q8_num_warps"), itertools.product((4, 8, 16), (256, 512, 1024),
                                                                                        (4, 8))
-    rows_key = "max_m" if method is None else "q8_max_m"
-    return [Family("GEMV (1 row)", "gemv", keys, list(tiles), cases(1)),
-            Family("GEMV up to M rows", "gemv", (rows_key,), [(0,), (1,), (2,), (4,)],
-                   cases(1) + cases(2) + cases(4))]
+    rows_keys, limits = (("max_m" if method is None else "q8_max_m",), [(0,), (1,), (2,), (4,)])
+    if method == "w8a8":  # its own switch (off by default): the tiles are timed with it on
+        rows_keys, limits = ("q8_max_m", "w8a8_gemv"), [(1, 0), (1, 1), (2, 1), (4, 1)]
+    fams = [Family("GEMV (1 row)", "gemv", keys, list(tiles), cases(1)),
+            Family("GEMV up to M rows", "gemv", rows_keys, limits, cases(1) + cases(2) + cases(4))]
+    if method == "w8a8":
+        fams[0].cases = [lambda c=c: _with_tactics("gemv", {"w8a8_gemv": 1}, c) for c in fams[0].cases]
+    return fams
+
+
+def _with_tactics(module: str, overrides: dict[str, Any], fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``fn()`` with ``overrides`` in ``module``'s TACTICS, restored afterwards."""
+    table = _module(module).TACTICS
+    saved = {k: table[k] for k in overrides}
+    table.update(overrides)
+    try:
+        return fn()
+    finally:
+        table.update(saved)
 
 
 def _gemm_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: torch.dtype) -> list[Family]:

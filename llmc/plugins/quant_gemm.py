@@ -470,7 +470,8 @@ def qgemm(x: torch.Tensor | QuantizedRows, method: str, qweight: torch.Tensor, s
             if bias is not None:
                 y = y + bias.float()
             return y.to(out.dtype)
-    if not w_int4 and not fuse and (x_quant or input_scale is None) and gemv.applies(m, qweight.element_size()):
+    if (not w_int4 and not fuse and (x_quant or input_scale is None) and gemv.applies(m, qweight.element_size())
+            and (method != "w8a8" or gemv.TACTICS["w8a8_gemv"])):
         return gemv.gemv(x, qweight, bias, xs, scales, out.dtype)
     if w_int4:
         if k % group or group % 16:
