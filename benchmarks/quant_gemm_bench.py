@@ -184,7 +184,8 @@ def main() -> None:
     import triton
 
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "weights": "random", "group_size": GROUP, "tactics": dict(qg.TACTICS), "gemv_tactics": dict(gemv.TACTICS), "copy_GBps": copy_gbps()}
+           "weights": "random", "group_size": GROUP, "tactics": dict(qg.TACTICS), "gemv_tactics": dict(gemv.TACTICS),
+           "copy_GBps": copy_gbps()}
     if not a.sweep_only:
         res["gemm"] = bench_all([int(r) for r in a.rows.split(",")])
     print(json.dumps(res, indent=1), flush=True)  # one JSON object per section: a cut-off run keeps the first

@@ -62,12 +62,13 @@ def test_failing_and_wrong_variants_are_dropped(monkeypatch):
     assert res["winner"] == {"decode_block_n": 64}
 
 
-def test_tune_covers_attention_and_quantized_gemm_families():
+def test_tune_covers_attention_and_quantized_gemm_families(monkeypatch):
+    fewer_gemv_tiles(monkeypatch)
     res = tuning.tune(TINY, SMALL, QuantConfig("int4", group_size=32), device=DEV,
                       timer=fake_timer_preferring("gemv_block_n", 32, qg), show_progress=False,
                       seconds_per_family=300)
     names = [f["family"] for f in res["tuning"]["families"]]
-    assert names == ["attention decode", "attention prefill", "int4 GEMV (1 row)"]
+    assert names == ["attention decode", "attention prefill", "int4 GEMV (1 row)", "GEMV 64x64 (1 row)"]  # + LM head
     assert res["quant_gemm"]["gemv_block_n"] == 32
     assert set(res["triton_kernels"]) == {"decode_block_n", "decode_num_warps", "decode_num_stages",
                                           "prefill_block_m", "prefill_block_n", "prefill_num_warps",
@@ -101,8 +102,8 @@ def fewer_gemv_tiles(monkeypatch) -> None:
     def trimmed(*args):
         fams = real(*args)
         for fam in fams:
-            if len(fam.keys) > 1:  # the tiles, not the row limit
-                fam.candidates = fam.candidates[:4] + [(16, 512, 4, 1)[:len(fam.keys)]]
+            if fam.scope is not None:  # a shape's switch and tiles, not the row limit
+                fam.candidates = fam.candidates[:3] + [(1, 16, 512, 4)]
         return fams
     monkeypatch.setattr(tuning, "_gemv_families", trimmed)
 
@@ -121,41 +122,63 @@ def test_fp8_tunes_the_library_crossover_with_earlier_winners_applied(monkeypatc
     res = tuning.tune(TINY, SMALL, QuantConfig("fp8"), device=DEV, timer=timer, show_progress=False,
                       seconds_per_family=300)
     names = [f["family"] for f in res["tuning"]["families"]]
-    assert names[-4:] == ["fp8 GEMM (decode rows)", "fp8 library GEMM from M rows", "GEMV (1 row)",
-                          "GEMV up to M rows"]
+    assert names[2:4] == ["fp8 GEMM (decode rows)", "fp8 library GEMM from M rows"]
+    assert names[-1] == "GEMV up to M rows" and all(n.startswith("GEMV ") for n in names[4:])
     assert res["quant_gemm"]["small_block_n"] == 64 and res["quant_gemm"]["scaled_mm_min_m"] == 33
     assert all(bn == 64 for bn, m in seen if m != saved["scaled_mm_min_m"])  # crossover timed with the winner
     assert qg.TACTICS == saved
 
 
-def test_unquantized_engines_tune_the_gemv_tiles_then_its_row_limit(monkeypatch):
-    """A bf16/fp32 engine's linears are cuBLAS or the GEMV: the GEMV's tiles are timed at one row, then the
-    row limit with the winning tiles in place; the quantized-GEMM families do not run."""
-    saved = dict(gemv.TACTICS)
+def test_unquantized_engines_choose_the_gemv_per_shape_then_its_row_limit(monkeypatch):
+    """A bf16/fp32 engine's linears are cuBLAS or the GEMV, chosen per weight shape (the LM head too, a
+    shape met twice timed once) with that shape's tiles; then the row limit, with those choices in place.
+    The quantized-GEMM families do not run, and the choices reach the dispatch once applied."""
+    import copy
+
+    saved = copy.deepcopy(gemv.TACTICS)
     seen = []
 
     def timer(fn):
         fn()
-        seen.append((gemv.TACTICS["block_n"], gemv.TACTICS["max_m"]))
-        return 1.0 + abs(gemv.TACTICS["block_n"] - 16) + abs(gemv.TACTICS["max_m"] - 2) / 100
+        per = gemv.TACTICS["per_shape"]
+        seen.append((copy.deepcopy(per), gemv.TACTICS["max_m"]))
+        cost = 1.0 + abs(gemv.TACTICS["max_m"] - 2) / 100
+        for shape, e in per.items():
+            if shape == "256x64":  # gate/up: the library GEMM is faster there
+                cost += 0.0 if e.get("use", 1) == 0 else 1.0
+            else:
+                cost += abs(e.get("block_n", 4) - 16) + (0.5 if e.get("use", 1) == 0 else 0.0)
+        return cost
     fewer_gemv_tiles(monkeypatch)
     res = tuning.tune(TINY, SMALL, QuantConfig("none"), device=DEV, timer=timer, show_progress=False,
                       seconds_per_family=300)
     names = [f["family"] for f in res["tuning"]["families"]]
-    assert names == ["attention decode", "attention prefill", "GEMV (1 row)", "GEMV up to M rows"]
-    assert res["gemv"]["block_n"] == 16 and res["gemv"]["max_m"] == 2
-    assert all(bn == 16 for bn, m in seen if m != saved["max_m"])
+    # QKV 128x64, O 64x64, gate/up 256x64, down 64x128; the LM head (64x64) is the O projection's shape
+    assert names == ["attention decode", "attention prefill", "GEMV 128x64 (1 row)", "GEMV 64x64 (1 row)",
+                     "GEMV 256x64 (1 row)", "GEMV 64x128 (1 row)", "GEMV up to M rows"]
+    per = res["gemv"]["per_shape"]
+    assert per["256x64"]["use"] == 0
+    assert all(per[s]["use"] == 1 and per[s]["block_n"] == 16 for s in ("128x64", "64x64", "64x128"))
+    assert res["gemv"]["max_m"] == 2
+    assert all(p.get("128x64", {}).get("block_n") == 16 for p, m in seen if m != saved["max_m"])
     assert gemv.TACTICS == saved
-    tuning.apply_tactics({"gemv": res["gemv"]})
-    assert gemv.TACTICS["max_m"] == 2
-    gemv.TACTICS.update(saved)
+    json.dumps(res)
+    try:
+        tuning.apply_tactics({"gemv": {k: v for k, v in res["gemv"].items()}})
+        assert gemv.applies(1, 2, 128, 64) and not gemv.applies(1, 2, 256, 64)
+        assert gemv.applies(2, 2, 64, 64) and not gemv.applies(3, 2, 64, 64)
+        with pytest.raises(ConfigError, match="per_shape"):
+            tuning.apply_tactics({"gemv": {"per_shape": {"64x64": {"stages": 3}}}})
+    finally:
+        gemv.TACTICS.clear()
+        gemv.TACTICS.update(saved)
 
 
 def test_w8a8_times_gemv_tiles_with_it_on_and_may_switch_it_on(monkeypatch):
     """W8A8 decode rows take the MMA tiling unless the tuner finds the GEMV faster: its tile cases run the
     GEMV, and the row-limit family decides the switch."""
     fams = tuning._gemv_families(TINY, QuantConfig("w8a8"), DEV, torch.float32)
-    assert fams[1].keys == ("q8_max_m", "w8a8_gemv") and (1, 0) in fams[1].candidates
+    assert fams[-1].keys == ("q8_max_m", "w8a8_gemv") and (1, 0) in fams[-1].candidates
     calls, real = [], gemv.gemv
     monkeypatch.setattr(gemv, "gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     fams[0].cases[0]()

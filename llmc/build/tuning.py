@@ -11,6 +11,7 @@ CUDA (``apply_tactics``), and ``load_engine`` already refuses an engine tuned fo
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import itertools
 import time
@@ -36,10 +37,18 @@ class Family:
     keys: tuple[str, ...]
     candidates: list[tuple]
     cases: list[Callable[[], torch.Tensor]]
+    scope: str | None = None  # keys live in TACTICS["per_shape"][scope] (one weight shape), not at the top
+    defaults: dict[str, Any] | None = None  # a scoped key's value while the scope does not set it
 
 
 def _module(name: str):
     return importlib.import_module(f"llmc.plugins.{name}")
+
+
+def _table(fam: Family) -> dict[str, Any]:
+    """The dict ``fam``'s keys live in: the module's TACTICS, or one shape's entry in its ``per_shape``."""
+    tactics = _module(fam.module).TACTICS
+    return tactics if fam.scope is None else tactics["per_shape"].setdefault(fam.scope, {})
 
 
 def cuda_graph_timer(fn: Callable[[], Any]) -> float:
@@ -114,42 +123,53 @@ def _projection_shapes(model: ModelConfig) -> list[tuple[int, int]]:
 
 
 def _gemv_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: torch.dtype) -> list[Family]:
-    """The decode-rows GEMV (``gemv.py``): its tiling at one row, then up to how many rows it beats the MMA
-    GEMMs it replaces (cuBLAS for float weights, the decode tiling for 8-bit ones; timed after those won)."""
+    """The decode-rows GEMV (``gemv.py``), per weight shape at one row: whether it beats the GEMM it replaces
+    (cuBLAS for 16-bit weights, the decode tiling for 8-bit ones, timed after those won) and with which tiles;
+    the LM head too. Then up to how many rows it is used, with those choices in place."""
     from llmc.convert.quantize import quantize_projection
+    from llmc.plugins import gemv
     from llmc.plugins import quant_gemm as qg
     from llmc.plugins import triton_kernels as tk
 
     method = quant.method if quant.enabled else None
-    if method in ("int4", "int4-awq"):
-        return []  # int4 rows have their own GEMV (quant_gemm's gemv_* tactics); only the LM head is 16-bit
     g = torch.Generator().manual_seed(2)
-    calls = []
-    for n, k in _projection_shapes(model):
+    calls = []  # (n, k, weight bytes, fn(x)) per projection; int4 rows have their own GEMV (quant_gemm gemv_*)
+    for n, k in ([] if method in ("int4", "int4-awq") else _projection_shapes(model)):
         w = torch.randn(n, k, generator=g) * 0.02
         if method is None:
-            wd = w.to(device, dtype)
-            calls.append((k, lambda x, wd=wd: tk.linear(x, wd)))
+            calls.append((n, k, 2, lambda x, wd=w.to(device, dtype): tk.linear(x, wd)))
         else:
             t = {name: v.to(device) for name, v in quantize_projection(method, w, None).items()}
             isc = torch.ones(k, device=device) if method == "w8a8" else None
-            calls.append((k, lambda x, t=t, isc=isc: qg.qgemm(x, method, t["qweight"], t["scales"], None, 0, isc)))
+            calls.append((n, k, 1, lambda x, t=t, isc=isc: qg.qgemm(x, method, t["qweight"], t["scales"], None, 0,
+                                                                    isc)))
+    vocab, hidden = model.vocab_size, model.hidden_size
+    lm_head = (torch.randn(vocab, hidden, generator=g) * 0.02).to(device, dtype)
+    head = (vocab, hidden, 2, lambda x: tk.linear(x, lm_head))
 
-    def cases(rows: int) -> list[Callable[[], torch.Tensor]]:
-        return [lambda f=f, x=torch.randn(rows, k, generator=g).to(device, dtype): f(x) for k, f in calls]
-    if method is None:
-        keys, tiles = ("block_n", "block_k", "num_warps", "evict_first"), itertools.product(
-            (4, 8, 16), (256, 512, 1024), (4, 8), (0, 1))
-    else:  # 8-bit weights have their own tiles; evict_first stays the 16-bit LM head's
-        keys, tiles = ("q8_block_n", "q8_block_k", "q8_num_warps"), itertools.product((4, 8, 16), (256, 512, 1024),
-                                                                                       (4, 8))
-    rows_keys, limits = (("max_m" if method is None else "q8_max_m",), [(0,), (1,), (2,), (4,)])
-    if method == "w8a8":  # its own switch (off by default): the tiles are timed with it on
-        rows_keys, limits = ("q8_max_m", "w8a8_gemv"), [(1, 0), (1, 1), (2, 1), (4, 1)]
-    fams = [Family("GEMV (1 row)", "gemv", keys, list(tiles), cases(1)),
-            Family("GEMV up to M rows", "gemv", rows_keys, limits, cases(1) + cases(2) + cases(4))]
-    if method == "w8a8":
-        fams[0].cases = [lambda c=c: _with_tactics("gemv", {"w8a8_gemv": 1}, c) for c in fams[0].cases]
+    def case(k: int, fn, rows: int) -> Callable[[], torch.Tensor]:
+        x = torch.randn(rows, k, generator=g).to(device, dtype)
+        if method == "w8a8":  # its own switch, off by default: the shape families time the GEMV with it on
+            return lambda: _with_tactics("gemv", {"w8a8_gemv": 1}, lambda: fn(x))
+        return lambda: fn(x)
+    fams, seen = [], set()
+    for n, k, wb, fn in calls + [head]:
+        if gemv.shape_key(n, k) in seen:  # e.g. a square O projection as wide as the vocabulary: one choice
+            continue
+        seen.add(gemv.shape_key(n, k))
+        q8 = "q8_" if wb == 1 else ""
+        defaults = {"use": 1, **{key: gemv.TACTICS[q8 + key] for key in ("block_n", "block_k", "num_warps")}}
+        tiles = [(1, bn, bk, w) for bn, bk, w in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8))]
+        fams.append(Family(f"GEMV {n}x{k} (1 row)", "gemv", gemv.PER_SHAPE_KEYS,
+                           [(0, *tuple(defaults.values())[1:])] + tiles, [case(k, fn, 1)],
+                           scope=gemv.shape_key(n, k), defaults=defaults))
+    if calls:
+        rows_keys, limits = ("max_m" if method is None else "q8_max_m",), [(0,), (1,), (2,), (4,)]
+        if method == "w8a8":
+            rows_keys, limits = ("q8_max_m", "w8a8_gemv"), [(1, 0), (1, 1), (2, 1), (4, 1)]
+        cases = [lambda f=fn, x=torch.randn(r, k, generator=g).to(device, dtype): f(x)
+                 for r in (1, 2, 4) for _, k, _, fn in calls]
+        fams.append(Family("GEMV up to M rows", "gemv", rows_keys, limits, cases))
     return fams
 
 
@@ -209,9 +229,9 @@ def tune_family(fam: Family, timer: Timer, tol: float, bar=None, seconds: float 
     """Time every candidate of ``fam`` (within ``seconds`` per 16 candidates); returns the winner and the
     per-candidate times.
     The module's TACTICS are restored afterwards."""
-    tactics = _module(fam.module).TACTICS
+    tactics = _table(fam)
     saved = dict(tactics)
-    default = tuple(saved[k] for k in fam.keys)
+    default = tuple(saved[k] if k in saved else fam.defaults[k] for k in fam.keys)
     refs = [case() for case in fam.cases]
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -246,7 +266,8 @@ def tune_family(fam: Family, timer: Timer, tol: float, bar=None, seconds: float 
                           "build with --no-tune to skip tuning")
     best = min(timed, key=lambda r: r["ms"])
     default_ms = next((r["ms"] for r in timed if tuple(r["cfg"]) == default), None)
-    return {"family": fam.name, "module": fam.module, "keys": list(fam.keys), "winner": dict(zip(fam.keys, best["cfg"])),
+    return {"family": fam.name, "module": fam.module, "scope": fam.scope, "keys": list(fam.keys),
+            "winner": dict(zip(fam.keys, best["cfg"])),
             "winner_ms": best["ms"], "default_ms": default_ms, "candidates": rows}
 
 
@@ -262,15 +283,18 @@ def tune(model: ModelConfig, build: BuildConfig, quant: QuantConfig, device: str
     tol = 1e-3 if dtype == torch.float32 else 3e-2
     out: dict[str, Any] = {}
     record = []
-    saved = {m: dict(_module(m).TACTICS) for m in TUNABLE_MODULES}
+    saved = {m: copy.deepcopy(_module(m).TACTICS) for m in TUNABLE_MODULES}  # per_shape is nested
     try:
         with tqdm(total=sum(len(f.candidates) + 1 for f in fams), desc="build: tune kernels", unit="variant",
                   disable=not show_progress) as bar:
             for fam in fams:
                 res = tune_family(fam, timer or cuda_graph_timer, tol, bar, seconds_per_family)
-                out.setdefault(fam.module, {}).update(res["winner"])
+                dest = out.setdefault(fam.module, {})
+                if fam.scope is not None:
+                    dest = dest.setdefault("per_shape", {}).setdefault(fam.scope, {})
+                dest.update(res["winner"])
                 record.append(res)
-                _module(fam.module).TACTICS.update(res["winner"])  # later families time with these winners
+                _table(fam).update(res["winner"])  # later families time with these winners
     finally:
         for m, table in saved.items():
             _module(m).TACTICS.clear()
@@ -289,6 +313,8 @@ def apply_tactics(tactics: dict[str, Any]) -> None:
                               "this llmc (`llmc build CHECKPOINT -o DIR --device cuda`)")
         table = _module(name).TACTICS
         unknown = sorted(set(overrides) - set(table))
+        for shape, keys in (overrides.get("per_shape") or {}).items():
+            unknown += [f"per_shape[{shape}].{k}" for k in sorted(set(keys) - set(_module(name).PER_SHAPE_KEYS))]
         if unknown:
             raise ConfigError(f"engine tactics for {name} name unknown keys {unknown}; it was tuned by another "
                               "llmc version: rebuild it (`llmc build CHECKPOINT -o DIR --device cuda`)")

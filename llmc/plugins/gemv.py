@@ -15,13 +15,15 @@ The CPU reference is ``F.linear`` (or ``QuantLinear``'s forward for 8-bit weight
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
 from llmc.plugins.triton_compat import INTERPRET as _INTERPRET
 
-TACTICS: dict[str, int] = {
+TACTICS: dict[str, Any] = {
     # 16-bit / fp32 weights. H200 sweep at one row over Llama-2-7B's four projections (quant_gemm_bench.py
     # --sweep): 4 x 512 x 4 warps 109.5 us in all, cuBLAS 114.3 us; at 2 and 4 rows cuBLAS wins.
     "max_m": 1,         # rows up to this (at most 4) use the GEMV (0: never); more go to cuBLAS
@@ -38,6 +40,11 @@ TACTICS: dict[str, int] = {
     # W8A8 (int8 activations, SmoothQuant) too: the activations then need converting as well. H200 at one
     # row: 103.9 us against the MMA tiling's 84.8 us, so off unless the tuner finds otherwise.
     "w8a8_gemv": 0,
+    # Per weight shape "NxK", what the build-time tuner chose at one row: {"use": 0|1, "block_n", "block_k",
+    # "num_warps"}; missing entries fall back to the keys above. On the H200 the best differs by shape (bf16:
+    # cuBLAS for QKV, the GEMV for O and down; fp8: the MMA tiling for QKV and gate/up), as TensorRT picks
+    # a tactic per layer.
+    "per_shape": {},
 }
 
 
@@ -133,16 +140,29 @@ def _store_row(y, row: tl.constexpr, M, xs_ptr, ws, bias, out_ptr, stride_om, of
 
 
 MAX_ROWS = 4  # the kernel keeps one accumulator per row, up to this many
+PER_SHAPE_KEYS = ("use", "block_n", "block_k", "num_warps")  # what TACTICS["per_shape"] may set per shape
 
 
-def _key(name: str, weight_bytes: int) -> str:
-    return "q8_" + name if weight_bytes == 1 else name
+def shape_key(n: int, k: int) -> str:
+    """The ``per_shape`` key of a ``[n, k]`` weight."""
+    return f"{n}x{k}"
 
 
-def applies(rows: int, weight_bytes: int = 2) -> bool:
-    """Whether ``rows`` activation rows against a weight of ``weight_bytes`` per element take the GEMV (on a
-    CUDA tensor; the caller checks the device)."""
-    return 0 < rows <= min(TACTICS[_key("max_m", weight_bytes)], MAX_ROWS)
+def _tactic(name: str, weight_bytes: int, n: int, k: int) -> int:
+    """``name`` for this weight: its shape's tuned value, else the 16-bit or 8-bit (``q8_``) default."""
+    per = TACTICS["per_shape"].get(shape_key(n, k))
+    if per is not None and name in per:
+        return per[name]
+    return TACTICS["q8_" + name if weight_bytes == 1 else name]
+
+
+def applies(rows: int, weight_bytes: int = 2, n: int = 0, k: int = 0) -> bool:
+    """Whether ``rows`` activation rows against a ``[n, k]`` weight of ``weight_bytes`` per element take the
+    GEMV (on a CUDA tensor; the caller checks the device)."""
+    if not 0 < rows <= min(_tactic("max_m", weight_bytes, n, k), MAX_ROWS):
+        return False
+    per = TACTICS["per_shape"].get(shape_key(n, k))
+    return per is None or bool(per.get("use", 1))
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -165,13 +185,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"GEMV: {m} rows, at most {MAX_ROWS}; larger batches take the MMA GEMMs")
     bm = triton.next_power_of_2(m)
     wb = weight.element_size()
-    bn = TACTICS[_key("block_n", wb)]
-    bk = max(64, TACTICS[_key("block_k", wb)] // bm)  # bm accumulators of bn x bk: keep them in registers
+    bn = _tactic("block_n", wb, n, k)
+    bk = max(64, _tactic("block_k", wb, n, k) // bm)  # bm accumulators of bn x bk: keep them in registers
     dummy = weight
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, x_scale if x_scale is not None else dummy, weight, w_scale if w_scale is not None else dummy,
         bias if bias is not None else dummy, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         X_SCALED=x_scale is not None, W_SCALED=w_scale is not None, HAS_BIAS=bias is not None,
         EVICT_FIRST=bool(TACTICS["evict_first"]) and not _INTERPRET, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=TACTICS[_key("num_warps", wb)])
+        num_warps=_tactic("num_warps", wb, n, k))
     return out

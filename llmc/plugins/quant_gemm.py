@@ -16,9 +16,10 @@ per weight instead of 2:
   (int8 x int8 -> int32, e4m3 x e4m3 -> fp32 tensor-core instructions), exact per tile, so the result
   equals the reference's up to summation order.
 
-The fewest rows (``gemv.TACTICS["max_m"]``, int8/fp8 weights) stream the weight through ``gemv.py`` on
-the CUDA cores instead. Other small batches (decode: M <= 64) pad M to a 16..64-row tile and, where the grid
-over N alone would leave SMs idle, split K across programs whose fp32 partials a second kernel sums (adding the bias and casting).
+The fewest rows of int8/fp8 weights (``gemv.TACTICS["q8_max_m"]``, per shape as tuned) stream the weight
+through ``gemv.py`` on the CUDA cores instead. Other small batches (decode: M <= 64) pad M to a 16..64-row
+tile and, where the grid over N alone would leave SMs idle, split K across programs whose fp32 partials a
+second kernel sums (adding the bias and casting).
 Large batches (prefill) use 64-row tiles; FP8 with many rows goes to ``torch._scaled_mm`` (cuBLASLt
 row-wise scaling, FP8 tensor cores) and W8A8 to ``torch._int_mm`` where they apply. Every launch takes its
 grid from host ints (tensor shapes), so a step stays capturable in a CUDA graph.
@@ -470,7 +471,7 @@ def qgemm(x: torch.Tensor | QuantizedRows, method: str, qweight: torch.Tensor, s
             if bias is not None:
                 y = y + bias.float()
             return y.to(out.dtype)
-    if (not w_int4 and not fuse and (x_quant or input_scale is None) and gemv.applies(m, qweight.element_size())
+    if (not w_int4 and not fuse and (x_quant or input_scale is None) and gemv.applies(m, qweight.element_size(), n, k)
             and (method != "w8a8" or gemv.TACTICS["w8a8_gemv"])):
         return gemv.gemv(x, qweight, bias, xs, scales, out.dtype)
     if w_int4:

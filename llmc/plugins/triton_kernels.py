@@ -709,7 +709,7 @@ def _rms(x, residual, weight, eps, method=None, input_scale=None):
 def linear(x, weight, bias=None) -> torch.Tensor:
     """Decode rows stream the weight through ``gemv.py``; more rows go to cuBLAS."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not gemv.applies(rows):
+    if not gemv.applies(rows, weight.element_size(), weight.shape[0], weight.shape[1]):
         return torch.nn.functional.linear(x, weight, bias)
     return gemv.gemv(x.reshape(rows, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
 
