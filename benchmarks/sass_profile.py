@@ -1,7 +1,7 @@
 """Compile Triton kernels for sm_90 without a GPU and report what the GPU would run.
 
     python3 benchmarks/sass_profile.py [--kv fp8|bf16|int8] [--block-n 64] [--warps 4] [--stages 2] [--json]
-    python3 benchmarks/sass_profile.py --specs     # prefill, KV writes, fused producers: ptxas usage each
+    python3 benchmarks/sass_profile.py --specs     # prefill, KV writes, fused producers, GEMVs: ptxas usage
 
 Triton's compiler and the ``ptxas``/``nvdisasm`` binaries shipped in its wheel work on a CPU-only machine,
 so register use, spills, shared memory and the instruction mix of the main loop can be read before a device
@@ -80,9 +80,17 @@ def compile_decode(kv: str = "bf16", block_n: int = 64, warps: int = 4, stages: 
 def kernel_specs() -> dict[str, tuple]:
     """(kernel, pointer types, constexprs, warps, stages, fp32 scalars) of launches the model makes at Llama-2-7B
     widths, with the default TACTICS: what CI compiles for sm_90 (``tests/test_sass_offline.py``)."""
+    from llmc.plugins import gemv
+    from llmc.plugins import quant_gemm as qg
     from llmc.plugins import triton_kernels as tk
 
-    t = tk.TACTICS
+    t, gt, qt = tk.TACTICS, gemv.TACTICS, qg.TACTICS
+    gemv_spec = lambda w, x, q8: (  # noqa: E731  one decode row, the default tiles of its weight width
+        gemv._gemv_kernel, {"x_ptr": x, "xs_ptr": "*fp32", "w_ptr": w, "ws_ptr": "*fp32", "b_ptr": "*bf16",
+                            "out_ptr": "*bf16"},
+        dict(X_SCALED=x != "*bf16", W_SCALED=q8, HAS_BIAS=False, EVICT_FIRST=bool(gt["evict_first"]), BLOCK_M=1,
+             BLOCK_N=gt["q8_block_n" if q8 else "block_n"], BLOCK_K=gt["q8_block_k" if q8 else "block_k"]),
+        gt["q8_num_warps" if q8 else "num_warps"], 1, ())
     kv8 = {"kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv", "ks_ptr": "*fp32", "vs_ptr": "*fp32"}
     fp8_kv = dict(QUANT=True, QMAX=448.0, IS_INT=False, ROUND_FP8=False)
     prefill = lambda q, kv, quant: (  # noqa: E731
@@ -110,6 +118,15 @@ def kernel_specs() -> dict[str, tuple]:
                                           "s_ptr": "*fp32"},
                                          dict(N=4096, BLOCK=4096, HAS_RES=True, QUANT=True, IS_FP8=True,
                                               HAS_ISC=False, ROUND_FP8=False), 8, 1, ("eps",)),
+        "gemv bf16": gemv_spec("*bf16", "*bf16", False),
+        "gemv fp8 rows": gemv_spec("*fp8e4nv", "*fp8e4nv", True),
+        "gemv int8 weights": gemv_spec("*i8", "*bf16", True),
+        "int4 gemv g128": (qg._int4_gemv_kernel,
+                           {"x_ptr": "*bf16", "isc_ptr": "*fp32", "w_ptr": "*u8", "s_ptr": "*fp32", "z_ptr": "*u8",
+                            "b_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32"},
+                           dict(GROUP=128, HAS_ISC=False, HAS_BIAS=False, SPLIT=1, WORDS=False,
+                                BLOCK_N=qt["gemv_block_n"], BLOCK_K=qt["gemv_block_k"]),
+                           qt["gemv_num_warps"], qt["gemv_num_stages"], ()),
         "silu_and_mul_quant w8a8": (tk._silu_mul_quant_kernel,
                                     {"x_ptr": "*bf16", "isc_ptr": "*fp32", "q_ptr": "*i8", "s_ptr": "*fp32"},
                                     dict(I=11008, BLOCK=16384, IS_FP8=False, HAS_ISC=True, ROUND_FP8=False), 16, 1,
@@ -128,6 +145,14 @@ def ptxas_usage(kernel, arch: int = 90) -> dict:
     num = lambda pat: int(m.group(1)) if (m := re.search(pat, info)) else 0  # noqa: E731
     return {"registers": num(r"Used (\d+) registers"), "spill_stores": num(r"(\d+) bytes spill stores"),
             "spill_loads": num(r"(\d+) bytes spill loads"), "shared_bytes": kernel.metadata.shared}
+
+
+def spec_usage(kernel) -> dict:
+    """``ptxas_usage`` plus, in the main loop, the global loads and quarter-rate int -> float conversions
+    (``I2F``): the int4 GEMV once read its packed weight a byte per load and converted every nibble so."""
+    mix = loop_mix(kernel)
+    return {**ptxas_usage(kernel), "loop_global_loads": sum(c for op, c in mix.items() if op.startswith("LDG")),
+            "loop_i2f": sum(c for op, c in mix.items() if op.startswith("I2F"))}
 
 
 def loop_mix(kernel) -> Counter:
@@ -165,7 +190,7 @@ def main() -> None:
                     help="compile every kernel of kernel_specs() instead; JSON of each one's ptxas usage")
     a = ap.parse_args()
     if a.specs:
-        print(json.dumps({name: ptxas_usage(compile_kernel(*spec)) for name, spec in kernel_specs().items()},
+        print(json.dumps({name: spec_usage(compile_kernel(*spec)) for name, spec in kernel_specs().items()},
                          indent=1))
         return
     k = compile_decode(a.kv, a.block_n, a.warps, a.stages, group=a.group, head_dim=a.head_dim,
