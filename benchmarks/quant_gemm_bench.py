@@ -6,11 +6,11 @@ Shapes are Llama-2-7B's four projections (fused QKV, O, fused gate/up, down). Fo
 count: microseconds per call replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``: no
 Python launch overhead, as in an engine's decode step), each call on another copy of the weights (>= 256 MB
 in all, 5x the L2) so weights stream from HBM as in a decode step, and the weight bytes read per second,
-beside a device copy measured in the same run. Up to 8 rows also time ``gemv.py`` (``bf16_gemv``; int8/fp8/
+beside a device copy measured in the same run. Up to 4 rows (its most) also time ``gemv.py`` (``bf16_gemv``; int8/fp8/
 w8a8 as ``<method>_gemv`` against ``<method>_mma``, the decode tiling it replaces).
 ``--sweep`` times grids at one row: the GEMV's tiles (``gemv.TACTICS``) for bf16 weights, the fp8 MMA decode
-tiling (small_*: tiles, stages, split-K target), the int4 GEMV (``quant_gemm.TACTICS`` gemv_*) and a third of
-the GEMV grid for fp8 weights; it reports the best in sum over the four shapes (what the build-time tuner
+tiling (small_*: tiles, stages, split-K target), the int4 GEMV (``quant_gemm.TACTICS`` gemv_*) and the GEMV's
+tiles for fp8 weights (``q8_*``); it reports the best in sum over the four shapes (what the build-time tuner
 would store) and per shape. Prints the GEMM table as one JSON object, then the sweep as a second one.
 Random weights.
 """
@@ -34,7 +34,7 @@ from llmc.plugins import quant_gemm as qg  # noqa: E402
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 METHODS = ["int8", "int4", "fp8", "w8a8"]
 GROUP = 128
-GEMV_ROWS = 8  # row counts up to this also time the GEMV (gemv.py) against the MMA kernels
+GEMV_ROWS = gemv.MAX_ROWS  # row counts up to this also time the GEMV (gemv.py) against the MMA kernels
 
 
 def copy_gbps() -> float:

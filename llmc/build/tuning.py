@@ -157,11 +157,10 @@ def _gemv_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: t
         if gemv.shape_key(n, k) in seen:  # e.g. a square O projection as wide as the vocabulary: one choice
             continue
         seen.add(gemv.shape_key(n, k))
-        q8 = "q8_" if wb == 1 else ""
-        defaults = {"use": 1, **{key: gemv.TACTICS[q8 + key] for key in ("block_n", "block_k", "num_warps")}}
+        defaults = gemv.shape_tactics(wb, n, k)
+        off = (0, *(defaults[key] for key in gemv.PER_SHAPE_KEYS[1:]))  # the GEMM it replaces
         tiles = [(1, bn, bk, w) for bn, bk, w in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8))]
-        fams.append(Family(f"GEMV {n}x{k} (1 row)", "gemv", gemv.PER_SHAPE_KEYS,
-                           [(0, *tuple(defaults.values())[1:])] + tiles, [case(k, fn, 1)],
+        fams.append(Family(f"GEMV {n}x{k} (1 row)", "gemv", gemv.PER_SHAPE_KEYS, [off] + tiles, [case(k, fn, 1)],
                            scope=gemv.shape_key(n, k), defaults=defaults))
     if calls:
         rows_keys, limits = ("max_m" if method is None else "q8_max_m",), [(0,), (1,), (2,), (4,)]

@@ -148,21 +148,23 @@ def shape_key(n: int, k: int) -> str:
     return f"{n}x{k}"
 
 
-def _tactic(name: str, weight_bytes: int, n: int, k: int) -> int:
-    """``name`` for this weight: its shape's tuned value, else the 16-bit or 8-bit (``q8_``) default."""
-    per = TACTICS["per_shape"].get(shape_key(n, k))
-    if per is not None and name in per:
-        return per[name]
-    return TACTICS["q8_" + name if weight_bytes == 1 else name]
+def _width_key(name: str, weight_bytes: int) -> str:
+    """The 16-bit or 8-bit (``q8_``) default's key for ``name``."""
+    return "q8_" + name if weight_bytes == 1 else name
+
+
+def shape_tactics(weight_bytes: int, n: int, k: int) -> dict[str, int]:
+    """The GEMV's choice for a ``[n, k]`` weight (``PER_SHAPE_KEYS``): what the tuner stored for the shape,
+    over the defaults of the weight's width."""
+    return {"use": 1, **{key: TACTICS[_width_key(key, weight_bytes)] for key in PER_SHAPE_KEYS[1:]},
+            **TACTICS["per_shape"].get(shape_key(n, k), {})}
 
 
 def applies(rows: int, weight_bytes: int = 2, n: int = 0, k: int = 0) -> bool:
     """Whether ``rows`` activation rows against a ``[n, k]`` weight of ``weight_bytes`` per element take the
     GEMV (on a CUDA tensor; the caller checks the device)."""
-    if not 0 < rows <= min(_tactic("max_m", weight_bytes, n, k), MAX_ROWS):
-        return False
-    per = TACTICS["per_shape"].get(shape_key(n, k))
-    return per is None or bool(per.get("use", 1))
+    limit = min(TACTICS[_width_key("max_m", weight_bytes)], MAX_ROWS)
+    return 0 < rows <= limit and bool(shape_tactics(weight_bytes, n, k)["use"])
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -184,14 +186,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if m > MAX_ROWS:
         raise ValueError(f"GEMV: {m} rows, at most {MAX_ROWS}; larger batches take the MMA GEMMs")
     bm = triton.next_power_of_2(m)
-    wb = weight.element_size()
-    bn = _tactic("block_n", wb, n, k)
-    bk = max(64, _tactic("block_k", wb, n, k) // bm)  # bm accumulators of bn x bk: keep them in registers
+    t = shape_tactics(weight.element_size(), n, k)
+    bn = t["block_n"]
+    bk = max(64, t["block_k"] // bm)  # bm accumulators of bn x bk: keep them in registers
     dummy = weight
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, x_scale if x_scale is not None else dummy, weight, w_scale if w_scale is not None else dummy,
         bias if bias is not None else dummy, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         X_SCALED=x_scale is not None, W_SCALED=w_scale is not None, HAS_BIAS=bias is not None,
         EVICT_FIRST=bool(TACTICS["evict_first"]) and not _INTERPRET, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=_tactic("num_warps", wb, n, k))
+        num_warps=t["num_warps"])
     return out
