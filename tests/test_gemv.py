@@ -109,3 +109,16 @@ def test_gemv_llama_shapes_gpu(n, k, m, monkeypatch):
     ref = F.linear(x.float(), w.float())
     rel = (out - ref).norm() / ref.norm()
     assert rel < 5e-3, float(rel)
+
+
+def test_w8a8_rows_stay_on_the_mma_tiling_unless_switched_on(monkeypatch):
+    """W8A8's int8 activations make the GEMV slower than the MMA tiling (H200), so one row of a W8A8 linear
+    takes the GEMV only when the tuner sets ``w8a8_gemv``; int8 weight-only rows take it by default."""
+    calls, real = [], gemv.gemv
+    monkeypatch.setattr(gemv, "gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x = torch.randn(1, 256, generator=_gen(90))
+    for method, expected in (("w8a8", 0), ("int8", 1)):
+        calls.clear()
+        layer = make_layer(method, 256, 40, group=0, bias=False, seed=91)
+        torch.testing.assert_close(run_kernel(layer, x), layer(x), atol=2e-4, rtol=1e-4)
+        assert len(calls) == expected, method
