@@ -85,6 +85,20 @@ def quant_copies(method: str, n: int, k: int) -> list[dict]:
     return [one] + extra
 
 
+def _variants(method: str, rows: int) -> list[tuple[str, dict, dict]]:
+    """(label, gemv tactics, quant_gemm tactics) timed for ``method`` at ``rows``: 8-bit weights as the GEMV
+    and as the MMA decode tiling up to the GEMV's rows; int4 up to its GEMV's rows as that GEMV (int32 words),
+    its byte-wise variant and the MMA decode tiling."""
+    if rows > GEMV_ROWS:
+        return [(method, {}, {})]
+    if method == "int4":
+        return [("int4_gemv", {}, {"gemv_max_m": GEMV_ROWS, "gemv_words": 1}),
+                ("int4_gemv_bytes", {}, {"gemv_max_m": GEMV_ROWS, "gemv_words": 0}),
+                ("int4_mma", {}, {"gemv_max_m": 0})]
+    return [(method + "_gemv", {"q8_max_m": GEMV_ROWS, "w8a8_gemv": 1}, {}),
+            (method + "_mma", {"q8_max_m": 0, "w8a8_gemv": 0}, {})]
+
+
 def bench_all(rows: list[int]) -> dict:
     out: dict = {}
     for name, (n, k) in SHAPES.items():
@@ -96,12 +110,10 @@ def bench_all(rows: list[int]) -> dict:
             if m_rows <= GEMV_ROWS:
                 row["bf16_gemv"] = {"us": timed([lambda w=w: gemv.gemv(x, w) for w in wbs]), "bytes": n * k * 2}
             for m in METHODS:
-                variants = [(m, gemv.TACTICS["q8_max_m"])]
-                if m_rows <= GEMV_ROWS and m != "int4":  # 8-bit weights: the GEMV and the MMA decode tiling
-                    variants = [(m + "_gemv", GEMV_ROWS), (m + "_mma", 0)]
-                for label, max_m in variants:
-                    saved = dict(gemv.TACTICS)
-                    gemv.TACTICS.update(q8_max_m=max_m, w8a8_gemv=int(max_m > 0))
+                for label, gemv_t, qg_t in _variants(m, m_rows):
+                    saved, saved_qg = dict(gemv.TACTICS), dict(qg.TACTICS)
+                    gemv.TACTICS.update(gemv_t)
+                    qg.TACTICS.update(qg_t)
                     try:
                         fns = [call(m, t, x) for t in qs[m]]
                         fns[0]()
@@ -110,6 +122,7 @@ def bench_all(rows: list[int]) -> dict:
                         row[label] = {"error": repr(e)[:300]}
                     finally:
                         gemv.TACTICS.update(saved)
+                        qg.TACTICS.update(saved_qg)
             for m, r in row.items():
                 if "us" in r:
                     r["GBps"] = r["bytes"] / r["us"] / 1e3
@@ -120,14 +133,18 @@ def bench_all(rows: list[int]) -> dict:
     return out
 
 
-def _grid(method: str, rows: int, keys: tuple[str, ...], grid, module=qg, fixed: dict | None = None) -> dict:
+def _grid(method: str, rows: int, keys: tuple[str, ...], grid, module=qg, fixed: dict | None = None,
+          fixed_qg: dict | None = None) -> dict:
     """Best of ``grid`` (tuples of values for ``keys`` in ``module.TACTICS``) by summed time over the four
-    shapes; ``method`` 'bf16' times the float linear's dispatch (``ops.linear``'s CUDA path). ``fixed``:
-    gemv tactics held during the sweep (e.g. ``q8_max_m=0`` to time the MMA decode tiling at one row)."""
+    shapes; ``method`` 'bf16' times the float linear's dispatch (``ops.linear``'s CUDA path). ``fixed`` /
+    ``fixed_qg``: gemv / quant_gemm tactics held during the sweep (e.g. ``q8_max_m=0`` to time the MMA decode
+    tiling at one row)."""
     from llmc.plugins import triton_kernels as tk
 
-    saved, saved_gemv = dict(module.TACTICS), dict(gemv.TACTICS)
+    saved_gemv, saved_qg = dict(gemv.TACTICS), dict(qg.TACTICS)
     gemv.TACTICS.update(fixed or {})
+    qg.TACTICS.update(fixed_qg or {})
+    saved = dict(module.TACTICS)  # what each variant starts from: the fixed tactics in place
     if method == "bf16":
         ws = {name: copies(lambda n=n, k=k: torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, n * k * 2)
               for name, (n, k) in SHAPES.items()}
@@ -149,6 +166,8 @@ def _grid(method: str, rows: int, keys: tuple[str, ...], grid, module=qg, fixed:
         module.TACTICS.update(saved)
     gemv.TACTICS.clear()
     gemv.TACTICS.update(saved_gemv)
+    qg.TACTICS.clear()
+    qg.TACTICS.update(saved_qg)
     del ws
     torch.cuda.empty_cache()
     ok = sorted((r for r in rows_out if "us_total" in r), key=lambda r: r["us_total"])
@@ -158,18 +177,25 @@ def _grid(method: str, rows: int, keys: tuple[str, ...], grid, module=qg, fixed:
             "default_us_total": next((r["us_total"] for r in ok if r["cfg"] == default), None)}
 
 
-def sweep() -> dict:
+def sweep(names: list[str] | None = None) -> dict:
+    """The one-row grids named in ``names`` (all when None)."""
     gemv_keys = ("gemv_block_n", "gemv_block_k", "gemv_num_warps", "gemv_words")
     gemv_grid = list(itertools.product((16, 32, 64), (256, 512, 1024), (4, 8), (0, 1)))
     small = ("small_block_n", "small_block_k", "small_num_stages", "small_target_programs")
     small_grid = list(itertools.product((32, 64, 128), (128, 256, 512), (4, 6), (264, 528)))
     tiles = ("block_n", "block_k", "num_warps", "evict_first")
     tile_grid = list(itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (0, 1)))
-    return {"bf16_m1_gemv": _grid("bf16", 1, tiles, tile_grid, module=gemv),
-            "fp8_m1_mma": _grid("fp8", 1, small, small_grid, fixed={"q8_max_m": 0}),
-            "int4_m1_gemv": _grid("int4", 1, gemv_keys, gemv_grid),
-            "fp8_m1_gemv": _grid("fp8", 1, tuple("q8_" + t for t in tiles[:3]), sorted({c[:3] for c in tile_grid}),
-                                 module=gemv, fixed={"q8_max_m": 1})}
+    grids = {"bf16_m1_gemv": lambda: _grid("bf16", 1, tiles, tile_grid, module=gemv),
+             "fp8_m1_mma": lambda: _grid("fp8", 1, small, small_grid, fixed={"q8_max_m": 0}),
+             "int4_m1_gemv": lambda: _grid("int4", 1, gemv_keys, gemv_grid),
+             "int4_m1_mma": lambda: _grid("int4", 1, small[:3], sorted({c[:3] for c in small_grid}),
+                                          fixed_qg={"gemv_max_m": 0}),
+             "fp8_m1_gemv": lambda: _grid("fp8", 1, tuple("q8_" + t for t in tiles[:3]),
+                                          sorted({c[:3] for c in tile_grid}), module=gemv, fixed={"q8_max_m": 1})}
+    unknown = set(names or ()) - set(grids)
+    if unknown:
+        raise SystemExit(f"--sweep-set: unknown {sorted(unknown)}; choose from {sorted(grids)}")
+    return {name: run() for name, run in grids.items() if names is None or name in names}
 
 
 def main() -> None:
@@ -177,6 +203,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--rows", default="1,2,4,8,16,64,256")
     ap.add_argument("--sweep-only", action="store_true", help="skip the GEMM table")
+    ap.add_argument("--sweep-set", default="", help="comma-separated sweep grids (default: all of them)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA GPU: this benchmark needs one"}))
@@ -190,7 +217,7 @@ def main() -> None:
         res["gemm"] = bench_all([int(r) for r in a.rows.split(",")])
     print(json.dumps(res, indent=1), flush=True)  # one JSON object per section: a cut-off run keeps the first
     if a.sweep or a.sweep_only:
-        print(json.dumps({"sweep": sweep()}, indent=1))
+        print(json.dumps({"sweep": sweep([n for n in a.sweep_set.split(",") if n] or None)}, indent=1))
 
 
 if __name__ == "__main__":

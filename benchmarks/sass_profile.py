@@ -122,11 +122,21 @@ def kernel_specs() -> dict[str, tuple]:
         "gemv fp8 rows": gemv_spec("*fp8e4nv", "*fp8e4nv", True),
         "gemv int8 weights": gemv_spec("*i8", "*bf16", True),
         "int4 gemv g128": (qg._int4_gemv_kernel,
-                           {"x_ptr": "*bf16", "isc_ptr": "*fp32", "w_ptr": "*u8", "s_ptr": "*fp32", "z_ptr": "*u8",
+                           {"x_ptr": "*bf16", "isc_ptr": "*fp32", "w_ptr": "*i32" if qt["gemv_words"] else "*u8",
+                            "s_ptr": "*fp32", "z_ptr": "*u8",
                             "b_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32"},
-                           dict(GROUP=128, HAS_ISC=False, HAS_BIAS=False, SPLIT=1, WORDS=False,
+                           dict(GROUP=128, HAS_ISC=False, HAS_BIAS=False, SPLIT=1, WORDS=qt["gemv_words"],
                                 BLOCK_N=qt["gemv_block_n"], BLOCK_K=qt["gemv_block_k"]),
                            qt["gemv_num_warps"], qt["gemv_num_stages"], ()),
+        "int4 mma g128, 16 rows": (qg._qgemm_kernel,
+                                   {"x_ptr": "*bf16", "xs_ptr": "*fp32", "isc_ptr": "*fp32", "w_ptr": "*u8",
+                                    "s_ptr": "*fp32", "z_ptr": "*u8", "b_ptr": "*bf16", "out_ptr": "*bf16",
+                                    "part_ptr": "*fp32"},
+                                   dict(W_INT4=True, GROUP=128, X_QUANT=False, HAS_ISC=False, HAS_BIAS=False, SPLIT=1,
+                                        IEEE=False, NATIVE_DOT=True, SWAP=bool(qt["small_swap"]), FUSE_ACT=False,
+                                        ACT_FP8=False, BLOCK_M=16, BLOCK_N=qt["small_block_n"],
+                                        BLOCK_K=qt["small_block_k"]),
+                                   qt["small_num_warps"], qt["small_num_stages"], ()),
         "silu_and_mul_quant w8a8": (tk._silu_mul_quant_kernel,
                                     {"x_ptr": "*bf16", "isc_ptr": "*fp32", "q_ptr": "*i8", "s_ptr": "*fp32"},
                                     dict(I=11008, BLOCK=16384, IS_FP8=False, HAS_ISC=True, ROUND_FP8=False), 16, 1,
@@ -148,15 +158,19 @@ def ptxas_usage(kernel, arch: int = 90) -> dict:
 
 
 def spec_usage(kernel) -> dict:
-    """``ptxas_usage`` plus, in the main loop, the global loads and quarter-rate int -> float conversions
-    (``I2F``): the int4 GEMV once read its packed weight a byte per load and converted every nibble so."""
-    mix = loop_mix(kernel)
-    return {**ptxas_usage(kernel), "loop_global_loads": sum(c for op, c in mix.items() if op.startswith("LDG")),
+    """``ptxas_usage`` plus, in the main loop, its instructions, global loads (byte-wide ones apart) and
+    quarter-rate int -> float conversions (``I2F``): the int4 GEMV once read its packed weight a byte per
+    load and converted every nibble so."""
+    mix = loop_mix(kernel, modifiers=4)
+    return {**ptxas_usage(kernel), "loop_instructions": sum(mix.values()),
+            "loop_global_loads": sum(c for op, c in mix.items() if op.startswith("LDG")),
+            "loop_byte_loads": sum(c for op, c in mix.items() if op.startswith("LDG") and ".U8" in op),
             "loop_i2f": sum(c for op, c in mix.items() if op.startswith("I2F"))}
 
 
-def loop_mix(kernel) -> Counter:
-    """SASS opcodes (with their first modifiers) of the longest backward-branch loop: the K/V tile loop."""
+def loop_mix(kernel, modifiers: int = 1) -> Counter:
+    """SASS opcodes (with their first ``modifiers`` modifiers) of the longest backward-branch loop: the K/V
+    tile loop."""
     with tempfile.TemporaryDirectory() as d:
         cubin = Path(d) / "k.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
@@ -172,7 +186,7 @@ def loop_mix(kernel) -> Counter:
     for ln in lines[best[1]:best[2] + 1]:
         m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)((?:\.[A-Z0-9_]+)*)", ln)
         if m:
-            mix[m.group(1) + ".".join(m.group(2).split(".")[:2])] += 1
+            mix[m.group(1) + ".".join(m.group(2).split(".")[:modifiers + 1])] += 1
     return mix
 
 

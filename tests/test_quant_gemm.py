@@ -79,15 +79,17 @@ def assert_close_up_to_activation_flips(out, ref, x, layer) -> None:
     assert (diff > tol).float().mean() <= 0.005, (diff > tol).float().mean()
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_qgemm_bf16_activations(method):
-    """bf16 inputs (the GPU's dtype): bf16 tensor-core dot products, fp32 accumulation."""
+@pytest.mark.parametrize("method,dtype", [(m, torch.bfloat16) for m in METHODS]
+                         + [("int4", torch.float16), ("int4-awq", torch.float16)])
+def test_qgemm_bf16_activations(method, dtype):
+    """16-bit inputs (the GPU's dtypes): 16-bit tensor-core dot products, fp32 accumulation (int4: nibbles
+    written into 16-bit floats per dtype)."""
     k, n, m = 128, 48, 3
     layer = make_layer(method, k, n, group=32, bias=False, seed=7)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(8)).to(dtype)
     ref = layer(x.float())
     out = run_kernel(layer, x)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
 
 
@@ -133,6 +135,23 @@ def test_qgemm_llama_shapes_gpu(method, m):
     assert rel < 1e-2, float(rel)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,words", [(1, 1), (1, 2), (1, 0), (2, 1), (8, 1), (40, 1)])
+def test_int4_16bit_activations_gpu(dtype, m, words, monkeypatch):
+    """The int4 kernels' inline-PTX nibble conversions (the GEMV's in-place masks, the MMA tiling's
+    16-bit ``c * (16 + n)`` lanes, per activation dtype) against the reference on the same rounded inputs,
+    K = 4,096 with 32 groups (uneven N)."""
+    monkeypatch.setitem(qg.TACTICS, "gemv_words", words)
+    layer = make_layer("int4", 4096, 1000, group=128, bias=False, seed=60 + m)
+    x = torch.randn(m, 4096, generator=torch.Generator().manual_seed(61 + m)).to(dtype)
+    ref = layer(x.float())
+    out = run_kernel(layer, x).float()
+    torch.testing.assert_close(out, ref, atol=2e-2 * ref.abs().max().item(), rtol=1e-2)
+    assert (out - ref).norm() / ref.norm() < 4e-3
+
+
 @pytest.mark.parametrize("method", ["int4", "int8", "w8a8"])
 @pytest.mark.parametrize("swap", [0, 1])
 def test_decode_tiling_orientations_agree(method, swap, monkeypatch):
@@ -155,7 +174,7 @@ def test_int4_dequantize_then_matmul_path(method, monkeypatch):
 
 
 @pytest.mark.parametrize("group,block_k,k", [(32, 128, 448), (64, 64, 448), (64, 256, 448), (128, 256, 512)])
-@pytest.mark.parametrize("words", [0, 1])
+@pytest.mark.parametrize("words", [0, 1, 2])
 def test_int4_gemv_groups_per_tile_and_split(group, block_k, k, words, monkeypatch):
     """The CUDA-core GEMV for a few rows: one or several groups per K tile, K not a multiple of the tile
     (ragged last split), bytes or int32 words, with and without split K."""

@@ -56,7 +56,7 @@ def test_prefill_kv_write_and_fused_producer_kernels_compile_for_hopper():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     usage = json.loads(r.stdout)
-    assert len(usage) >= 11
+    assert len(usage) >= 12
     for name, u in usage.items():
         if name.startswith("prefill fp8 cache"):
             # fp16 dots with V scales relative to the tile's largest spill 36 bytes at 255 registers (known,
@@ -64,5 +64,7 @@ def test_prefill_kv_write_and_fused_producer_kernels_compile_for_hopper():
             assert u["spill_stores"] <= 64 and u["spill_loads"] <= 64, (name, u)
         else:
             assert u["spill_stores"] == 0 and u["spill_loads"] == 0, (name, u)
-        if "gemv" in name:  # full-rate conversions, vector loads (byte loads were 67 per int4 tile)
-            assert u["loop_i2f"] == 0 and u["loop_global_loads"] <= 16, (name, u)
+        if "gemv" in name or "mma" in name:  # full-rate conversions (the int4 tiles had an I2F per nibble)
+            assert u["loop_i2f"] == 0, (name, u)
+        if "gemv" in name:  # vector weight loads (byte loads were 67 per int4 tile); int4 zero points are bytes
+            assert u["loop_byte_loads"] <= (1 if "int4" in name else 0), (name, u)

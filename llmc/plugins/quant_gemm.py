@@ -38,11 +38,12 @@ from llmc.plugins.triton_compat import INTERPRET as _INTERPRET
 
 TACTICS: dict[str, int] = {
     "gemv_max_m": 2,            # int4 rows up to this run one CUDA-core GEMV per row
-    "gemv_block_n": 16,         # H100 sweep at one row, Llama-2-7B's 4 projections: 16 x 1024 x 4 warps,
-    "gemv_block_k": 1024,       # bytes: 119 us in all (bf16 cuBLAS 159 us); int32 words 3x slower
+    "gemv_block_n": 64,         # int4 GEMV tile: 64 rows x 256 k (32 int32 words) x 4 warps; offline sm_90
+    "gemv_block_k": 256,        # SASS, 4.7 instructions per weight (the byte loop, 16 x 1024: 7.9)
     "gemv_num_warps": 4,
     "gemv_num_stages": 3,
-    "gemv_words": 0,            # read packed int4 as int32 words (8 nibbles) instead of bytes
+    "gemv_words": 1,            # packed int4 read as int32 words (8 nibbles masked in place), the inputs as 8
+                                # strided loads (1) or one vector split in registers (2); 0: bytes
     "small_m": 64,              # rows up to this use the decode tiling (16..64-row tiles)
     "small_swap": 1,            # decode tiling computes out^T = W x^T (weight as the wide MMA operand)
     "small_block_n": 32,
@@ -137,6 +138,66 @@ def _mm(a, b, acc, IEEE: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
+def _nibbles_ptx(lo_shift: tuple, hi_shift: tuple, mask: str, magic: str) -> tl.constexpr:
+    """PTX for ``_nibbles`` on 4 packed bytes ($4): low nibbles to $0 $1, high to $2 $3 (two 16-bit lanes each)."""
+    return tl.constexpr(
+        "{ .reg .b32 t0, t1, s;\n"
+        "prmt.b32 t0, $4, 0, 0x4140;\n"  # bytes 0 and 1 into the two 16-bit lanes
+        "prmt.b32 t1, $4, 0, 0x4342;\n"  # bytes 2 and 3
+        + "".join(f"{shift} s, {t}, {n};\nlop3.b32 ${out}, s, {mask}, {magic}, 0xEA;\n"  # (s & mask) | magic
+                  for out, (t, (shift, n)) in enumerate([("t0", lo_shift), ("t1", lo_shift), ("t0", hi_shift),
+                                                          ("t1", hi_shift)]))
+        + "}")
+
+
+_PTX = tl.constexpr(not _INTERPRET)  # inline PTX compiles for the GPU; the interpreter has none
+_NIBBLES_BF16_PTX = _nibbles_ptx(("shl.b32", 3), ("shr.u32", 1), "0x00780078", "0x43004300")
+_NIBBLES_FP16_PTX = _nibbles_ptx(("shl.b32", 6), ("shl.b32", 2), "0x03C003C0", "0x4C004C00")
+
+
+@triton.jit
+def _nibbles(wp, cdt: tl.constexpr):
+    """Both nibbles ``n`` of packed bytes as floats ``c * (16 + n)``, exact, by writing each nibble into the
+    top four mantissa bits of a fixed exponent (``c`` = 8 for bf16, 1 for fp16, 2^19 for fp32): two integer
+    ops a nibble instead of a quarter-rate ``I2F``. ``_nibble_sums`` removes ``c`` and the offset 16 per group
+    with ``sum x``; the offset keeps each term within 2x of the nibble's own, so the fp32 sums lose at most a
+    bit to it. On the GPU the 16-bit cases run as inline PTX on 4 bytes at a time (two ``PRMT`` spread them
+    into 16-bit lanes, then a shift and a ``LOP3`` make two nibbles each); the interpreter runs the same
+    arithmetic as Triton ops."""
+    if _PTX and cdt == tl.bfloat16:
+        return tl.inline_asm_elementwise(_NIBBLES_BF16_PTX, "=r,=r,=r,=r,r", [wp], dtype=(tl.bfloat16, tl.bfloat16),
+                                         is_pure=True,
+                                         pack=4)
+    if _PTX and cdt == tl.float16:
+        return tl.inline_asm_elementwise(_NIBBLES_FP16_PTX, "=r,=r,=r,=r,r", [wp], dtype=(tl.float16, tl.float16),
+                                         is_pure=True,
+                                         pack=4)
+    if cdt == tl.bfloat16:  # 0x4300 = 128.0, mantissa bits 3..6
+        w = wp.to(tl.int16)
+        lo = ((w << 3) & 0x78) | 0x4300
+        hi = ((w >> 1) & 0x78) | 0x4300
+    elif cdt == tl.float16:  # 0x4C00 = 16.0, mantissa bits 6..9
+        w = wp.to(tl.int16)
+        lo = ((w << 6) & 0x3C0) | 0x4C00
+        hi = ((w << 2) & 0x3C0) | 0x4C00
+    else:  # 0x4B000000 = 2^23, mantissa bits 19..22
+        w = wp.to(tl.int32)
+        lo = ((w << 19) & 0x780000) | 0x4B000000
+        hi = ((w << 15) & 0x780000) | 0x4B000000
+    return lo.to(cdt, bitcast=True), hi.to(cdt, bitcast=True)
+
+
+@triton.jit
+def _nibble_sums(part, cdt: tl.constexpr):
+    """``sum c * (16 + n) x`` from ``_nibbles`` to ``sum (16 + n) x``."""
+    if cdt == tl.bfloat16:
+        return part * 0.125
+    elif cdt == tl.float16:
+        return part
+    else:
+        return part * (1.0 / 524288.0)
+
+
 @triton.jit(do_not_specialize=["M"])  # the row count varies per step: never recompile for it
 def _qgemm_kernel(x_ptr, xs_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr,
                   M, N, K, k_per_split, stride_xm, stride_wn, stride_sg, stride_om,
@@ -191,18 +252,18 @@ def _qgemm_kernel(x_ptr, xs_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, p
             wp = tl.load(w_ptr + offs_n[:, None] * stride_wn + k0 // 2 + offs_j[None, :], mask=n_mask[:, None],
                          other=0)
             g = k0 // GROUP
-            z = tl.load(z_ptr + g * stride_sg + offs_n, mask=n_mask, other=0).to(tl.float32)
+            z = small_int_to_f32(tl.load(z_ptr + g * stride_sg + offs_n, mask=n_mask, other=0))
             sc = tl.load(s_ptr + g * stride_sg + offs_n, mask=n_mask, other=0.0)
-            lo, hi = (wp & 0xF).to(cdt), (wp >> 4).to(cdt)
+            lo, hi = _nibbles(wp, cdt)
             xsum = tl.sum(xe.to(tl.float32), axis=1) + tl.sum(xo.to(tl.float32), axis=1)
             if SWAP:
                 part = _mm(lo, tl.trans(xe), tl.zeros((BLOCK_N, BLOCK_M), tl.float32), IEEE)
                 part = _mm(hi, tl.trans(xo), part, IEEE)
-                acc += (part - z[:, None] * xsum[None, :]) * sc[:, None]
+                acc += (_nibble_sums(part, cdt) - (z[:, None] + 16.0) * xsum[None, :]) * sc[:, None]
             else:
                 part = _mm(xe, tl.trans(lo), tl.zeros((BLOCK_M, BLOCK_N), tl.float32), IEEE)
                 part = _mm(xo, tl.trans(hi), part, IEEE)
-                acc += (part - xsum[:, None] * z[None, :]) * sc[None, :]
+                acc += (_nibble_sums(part, cdt) - xsum[:, None] * (z[None, :] + 16.0)) * sc[None, :]
         else:
             q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=n_mask[:, None])
             if not NATIVE_DOT:
@@ -231,6 +292,61 @@ def _qgemm_kernel(x_ptr, xs_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, p
 
 
 @triton.jit
+def _nibble_at(v, MASK: tl.constexpr):
+    """``v & MASK`` (one nibble in place) as an exact float: OR'd into the mantissa of 2^23, minus 2^23. On
+    the GPU the mask and the OR are one ``LOP3`` (Triton emits two integer ops)."""
+    if _PTX:
+        f = tl.inline_asm_elementwise(f"lop3.b32 $0, $1, {MASK}, 0x4B000000, 0xEA;", "=r,r", [v], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        f = ((v & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
+    return f - 8388608.0
+
+
+@triton.jit
+def _eighths(x):
+    """``x [8 * W]`` -> its eight strided parts ``x[j::8]`` (``[W]`` each), by splitting a reshape."""
+    s0, s1 = tl.split(tl.reshape(x, (x.shape[0] // 8, 2, 2, 2)))  # [w, a, b1, b0]: k = 8w + 4a + 2b1 + b0
+    s00, s01 = tl.split(s0)
+    s10, s11 = tl.split(s1)
+    x0, x4 = tl.split(s00)
+    x2, x6 = tl.split(s01)
+    x1, x5 = tl.split(s10)
+    x3, x7 = tl.split(s11)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _tile_input(x_ptr, isc_ptr, row, stride_xm, k0, K, STEP: tl.constexpr, HAS_ISC: tl.constexpr,
+                MASK_K: tl.constexpr, LEN: tl.constexpr):
+    """``x[row, k0 + STEP * i]`` for ``i < LEN`` in fp32, divided by the input scale if any; zero from ``K``."""
+    offs = k0 + STEP * tl.arange(0, LEN) if STEP > 1 else k0 + tl.arange(0, LEN)
+    if MASK_K:
+        x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        if HAS_ISC:
+            x = x / tl.load(isc_ptr + offs, mask=offs < K, other=1.0)
+    else:
+        x = tl.load(x_ptr + row * stride_xm + offs).to(tl.float32)
+        if HAS_ISC:
+            x = x / tl.load(isc_ptr + offs)
+    return x
+
+
+@triton.jit
+def _strided_inputs(x_ptr, isc_ptr, row, stride_xm, k0, K, HAS_ISC: tl.constexpr, MASK_K: tl.constexpr,
+                    W: tl.constexpr):
+    """``x[row, k0 + j::8]`` (``W`` each) for j = 0..7, as eight strided loads."""
+    return (_tile_input(x_ptr + 0, isc_ptr + 0, row, stride_xm, k0, K, 8, HAS_ISC, MASK_K, W),
+            _tile_input(x_ptr + 1, isc_ptr + 1, row, stride_xm, k0, K - 1, 8, HAS_ISC, MASK_K, W),
+            _tile_input(x_ptr + 2, isc_ptr + 2, row, stride_xm, k0, K - 2, 8, HAS_ISC, MASK_K, W),
+            _tile_input(x_ptr + 3, isc_ptr + 3, row, stride_xm, k0, K - 3, 8, HAS_ISC, MASK_K, W),
+            _tile_input(x_ptr + 4, isc_ptr + 4, row, stride_xm, k0, K - 4, 8, HAS_ISC, MASK_K, W),
+            _tile_input(x_ptr + 5, isc_ptr + 5, row, stride_xm, k0, K - 5, 8, HAS_ISC, MASK_K, W),
+            _tile_input(x_ptr + 6, isc_ptr + 6, row, stride_xm, k0, K - 6, 8, HAS_ISC, MASK_K, W),
+            _tile_input(x_ptr + 7, isc_ptr + 7, row, stride_xm, k0, K - 7, 8, HAS_ISC, MASK_K, W))
+
+
+@triton.jit
 def _int4_gemv_tile(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, row, k0, K, stride_xm, stride_wn, stride_sg, offs_n, n_mask,
                     GROUP: tl.constexpr, HAS_ISC: tl.constexpr, WORDS: tl.constexpr, MASK_K: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -239,25 +355,34 @@ def _int4_gemv_tile(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, row, k0, K, stride_xm, 
     read in 16-byte vectors (a per-element K mask made every load a single byte)."""
     NG: tl.constexpr = BLOCK_K // GROUP
     offs_g = tl.arange(0, NG)
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    if MASK_K:
-        x = tl.load(x_ptr + row * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        if HAS_ISC:
-            x = x / tl.load(isc_ptr + offs_k, mask=offs_k < K, other=1.0)
-    else:
-        x = tl.load(x_ptr + row * stride_xm + offs_k).to(tl.float32)
-        if HAS_ISC:
-            x = x / tl.load(isc_ptr + offs_k)
     if WORDS:
+        # int32 words of 8 nibbles (k = 8 * word + j): nibble j is masked in place, so it reads as 16^p * n
+        # (p = j, or j - 3 for j >= 5 after one shift by 12), and its input is prescaled by 16^-p instead.
         offs_w = tl.arange(0, BLOCK_K // 8)
-        wmask = n_mask[:, None] & (k0 + 8 * offs_w < K)[None, :] if MASK_K else n_mask[:, None]
-        wv = tl.load(w_ptr + offs_n[:, None] * stride_wn + k0 // 8 + offs_w[None, :], mask=wmask, other=0)
-        q = (wv[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF
-        q = tl.reshape(small_int_to_f32(q), (BLOCK_N, NG, GROUP))
-        x3 = tl.reshape(x, (NG, GROUP))
-        d = tl.sum(q * x3[None, :, :], axis=2)  # [BLOCK_N, NG]
-        xsum = tl.sum(x3, axis=1)
+        kw = k0 + 8 * offs_w
+        wmask = n_mask[:, None] & (kw < K)[None, :] if MASK_K else n_mask[:, None]
+        w0 = tl.multiple_of(k0 // 8, BLOCK_K // 8)  # tiles start at multiples of BLOCK_K: 16-byte loads
+        wv = tl.load(w_ptr + offs_n[:, None] * stride_wn + w0 + offs_w[None, :], mask=wmask, other=0,
+                     eviction_policy="evict_first")
+        hi = wv >> 12
+        if WORDS == 2:  # the tile's inputs as one vector load, split into the eight strided parts
+            x0, x1, x2, x3, x4, x5, x6, x7 = _eighths(_tile_input(x_ptr, isc_ptr, row, stride_xm, k0, K, 1, HAS_ISC,
+                                                                  MASK_K, BLOCK_K))
+        else:
+            x0, x1, x2, x3, x4, x5, x6, x7 = _strided_inputs(x_ptr, isc_ptr, row, stride_xm, k0, K, HAS_ISC, MASK_K,
+                                                             BLOCK_K // 8)
+        t = _nibble_at(wv, 0xF) * x0[None, :]
+        t += _nibble_at(wv, 0xF0) * (x1 * 0.0625)[None, :]
+        t += _nibble_at(wv, 0xF00) * (x2 * 0.00390625)[None, :]
+        t += _nibble_at(wv, 0xF000) * (x3 * 0.000244140625)[None, :]
+        t += _nibble_at(wv, 0xF0000) * (x4 * 0.0000152587890625)[None, :]
+        t += _nibble_at(hi, 0xF00) * (x5 * 0.00390625)[None, :]
+        t += _nibble_at(hi, 0xF000) * (x6 * 0.000244140625)[None, :]
+        t += _nibble_at(hi, 0xF0000) * (x7 * 0.0000152587890625)[None, :]
+        d = tl.sum(tl.reshape(t, (BLOCK_N, NG, GROUP // 8)), axis=2)  # [BLOCK_N, NG]
+        xsum = tl.sum(tl.reshape(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, (NG, GROUP // 8)), axis=1)
     else:
+        x = _tile_input(x_ptr, isc_ptr, row, stride_xm, k0, K, 1, HAS_ISC, MASK_K, BLOCK_K)
         xe, xo = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))
         offs_j = tl.arange(0, BLOCK_K // 2)
         wmask = n_mask[:, None] & (k0 + 2 * offs_j < K)[None, :] if MASK_K else n_mask[:, None]
@@ -409,7 +534,7 @@ def _int4_gemv(x, qweight, sg, zg, group, input_scale, bias, out):
     split = max(1, min(TACTICS["small_max_split_k"], TACTICS["small_target_programs"] // programs, tiles))
     per_split = triton.cdiv(tiles, split)
     split = triton.cdiv(tiles, per_split)
-    words = bool(TACTICS["gemv_words"]) and qweight.stride(0) % 4 == 0
+    words = TACTICS["gemv_words"] if qweight.stride(0) % 4 == 0 else 0
     w = qweight.view(torch.int32) if words else qweight
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
     _int4_gemv_kernel[(m, triton.cdiv(n, bn), split)](
