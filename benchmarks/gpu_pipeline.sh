@@ -156,7 +156,9 @@ declare -A DLARGS=(
   [fp8_kvfp8_b1]="/tmp/en-fp8 --batch 1 --steps 128 --profile --kv-cache-dtype fp8"
   [fp8kv_b1]="/tmp/en-fp8kv --batch 1 --steps 128 --profile"
   [int8_b1]="/tmp/en-int8 --batch 1 --steps 128 --profile"
-  [int4_b1]="/tmp/en-int4 --batch 1 --steps 128 --profile")
+  [int4_b1]="/tmp/en-int4 --batch 1 --steps 128 --profile"
+  [int4_b1_bytes]="/tmp/en-int4 --batch 1 --steps 128 --profile --tactic quant_gemm.gemv_words=0"
+  [int4_b1_mma]="/tmp/en-int4 --batch 1 --steps 128 --profile --tactic quant_gemm.gemv_max_m=0")
 tp() {  # tp ENGINE@BATCH[:INxOUT[:N]] [extra llmc bench flags]
   spec=$1; shift
   eng=${spec%%@*}; rest=${spec#*@}; batch=${rest%%:*}

@@ -180,7 +180,7 @@ def _grid(method: str, rows: int, keys: tuple[str, ...], grid, module=qg, fixed:
 def sweep(names: list[str] | None = None) -> dict:
     """The one-row grids named in ``names`` (all when None)."""
     gemv_keys = ("gemv_block_n", "gemv_block_k", "gemv_num_warps", "gemv_words")
-    gemv_grid = list(itertools.product((16, 32, 64), (256, 512, 1024), (4, 8), (0, 1)))
+    gemv_grid = list(itertools.product((32, 64, 128), (256, 512), (4, 8), (1, 2))) + [(16, 1024, 4, 0)]  # + bytes
     small = ("small_block_n", "small_block_k", "small_num_stages", "small_target_programs")
     small_grid = list(itertools.product((32, 64, 128), (128, 256, 512), (4, 6), (264, 528)))
     tiles = ("block_n", "block_k", "num_warps", "evict_first")
