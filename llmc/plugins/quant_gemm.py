@@ -38,12 +38,12 @@ from llmc.plugins.triton_compat import INTERPRET as _INTERPRET
 
 TACTICS: dict[str, int] = {
     "gemv_max_m": 2,            # int4 rows up to this run one CUDA-core GEMV per row
-    "gemv_block_n": 64,         # int4 GEMV tile: 64 rows x 256 k (32 int32 words) x 4 warps; offline sm_90
-    "gemv_block_k": 256,        # SASS, 4.7 instructions per weight (the byte loop, 16 x 1024: 7.9)
-    "gemv_num_warps": 4,
+    "gemv_block_n": 64,         # int4 GEMV tile. H200 sweep at one row, Llama-2-7B's four projections: 64 x 512 x
+    "gemv_block_k": 512,        # 4 warps, words with split inputs: 71.9 us in all (the byte loop at 16 x 1024, the
+    "gemv_num_warps": 4,        # last default: 105.8 us; bf16 cuBLAS 114 us)
     "gemv_num_stages": 3,
-    "gemv_words": 1,            # packed int4 read as int32 words (8 nibbles masked in place), the inputs as 8
-                                # strided loads (1) or one vector split in registers (2); 0: bytes
+    "gemv_words": 2,            # packed int4 read as int32 words (8 nibbles masked in place), the inputs as one
+                                # vector split in registers (2) or 8 strided loads (1); 0: bytes
     "small_m": 64,              # rows up to this use the decode tiling (16..64-row tiles)
     "small_swap": 1,            # decode tiling computes out^T = W x^T (weight as the wide MMA operand)
     "small_block_n": 32,
