@@ -183,15 +183,17 @@ def sweep(names: list[str] | None = None) -> dict:
     gemv_grid = list(itertools.product((32, 64, 128), (256, 512), (4, 8), (1, 2))) + [(16, 1024, 4, 0)]  # + bytes
     small = ("small_block_n", "small_block_k", "small_num_stages", "small_target_programs")
     small_grid = list(itertools.product((32, 64, 128), (128, 256, 512), (4, 6), (264, 528)))
-    tiles = ("block_n", "block_k", "num_warps", "evict_first")
-    tile_grid = list(itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (0, 1)))
+    tiles = ("block_n", "block_k", "num_warps", "x_vector")
+    tile_grid = [c for c in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (0, 1)) if c[0] > 4 or not c[3]]
     grids = {"bf16_m1_gemv": lambda: _grid("bf16", 1, tiles, tile_grid, module=gemv),
              "fp8_m1_mma": lambda: _grid("fp8", 1, small, small_grid, fixed={"q8_max_m": 0}),
              "int4_m1_gemv": lambda: _grid("int4", 1, gemv_keys, gemv_grid),
              "int4_m1_mma": lambda: _grid("int4", 1, small[:3], sorted({c[:3] for c in small_grid}),
                                           fixed_qg={"gemv_max_m": 0}),
-             "fp8_m1_gemv": lambda: _grid("fp8", 1, tuple("q8_" + t for t in tiles[:3]),
-                                          sorted({c[:3] for c in tile_grid}), module=gemv, fixed={"q8_max_m": 1})}
+             "fp8_m1_gemv": lambda: _grid("fp8", 1, tuple("q8_" + t for t in tiles), tile_grid, module=gemv,
+                                          fixed={"q8_max_m": 1}),
+             "int8_m1_gemv": lambda: _grid("int8", 1, tuple("q8_" + t for t in tiles), tile_grid, module=gemv,
+                                           fixed={"q8_max_m": 1})}
     unknown = set(names or ()) - set(grids)
     if unknown:
         raise SystemExit(f"--sweep-set: unknown {sorted(unknown)}; choose from {sorted(grids)}")

@@ -89,7 +89,8 @@ def kernel_specs() -> dict[str, tuple]:
         gemv._gemv_kernel, {"x_ptr": x, "xs_ptr": "*fp32", "w_ptr": w, "ws_ptr": "*fp32", "b_ptr": "*bf16",
                             "out_ptr": "*bf16"},
         dict(X_SCALED=x != "*bf16", W_SCALED=q8, HAS_BIAS=False, EVICT_FIRST=bool(gt["evict_first"]), BLOCK_M=1,
-             BLOCK_N=gt["q8_block_n" if q8 else "block_n"], BLOCK_K=gt["q8_block_k" if q8 else "block_k"]),
+             X_VECTOR=bool(gt["q8_x_vector" if q8 else "x_vector"]), BLOCK_N=gt["q8_block_n" if q8 else "block_n"],
+             BLOCK_K=gt["q8_block_k" if q8 else "block_k"]),
         gt["q8_num_warps" if q8 else "num_warps"], 1, ())
     kv8 = {"kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv", "ks_ptr": "*fp32", "vs_ptr": "*fp32"}
     fp8_kv = dict(QUANT=True, QMAX=448.0, IS_INT=False, ROUND_FP8=False)

@@ -37,8 +37,10 @@ def triton_rows(m: int) -> int:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3, 4])
 @pytest.mark.parametrize("k", [256, 200])  # whole 64-wide tiles, or a ragged tail
-def test_gemv_matches_linear(dtype, m, k, monkeypatch):
+@pytest.mark.parametrize("x_vector", [0, 1])  # activations in the tile's shape, or one vector broadcast
+def test_gemv_matches_linear(dtype, m, k, x_vector, monkeypatch):
     monkeypatch.setitem(gemv.TACTICS, "block_k", 64 * triton_rows(m))  # several tiles even at small K
+    monkeypatch.setitem(gemv.TACTICS, "x_vector", x_vector)
     n = 37
     x = torch.randn(m, k, generator=_gen(m)).to(dtype)
     w = (torch.randn(n, k, generator=_gen(k)) * 0.05).to(dtype)
@@ -57,10 +59,13 @@ def test_gemv_rejects_mismatched_shapes():
 
 @pytest.mark.parametrize("method", ["int8", "fp8", "w8a8"])
 @pytest.mark.parametrize("m", [1, 2, 4])
-def test_qgemm_decode_rows_take_the_gemv_and_match(method, m, monkeypatch):
+@pytest.mark.parametrize("x_vector", [0, 1])
+def test_qgemm_decode_rows_take_the_gemv_and_match(method, m, x_vector, monkeypatch):
     """int8 weights with float rows (W8A16), fp8 and int8 W8A8 (quantized rows, SmoothQuant's input scale):
     the GEMV equals the reference and the MMA decode tiling it replaces."""
     monkeypatch.setitem(gemv.TACTICS, "q8_block_k", 128)
+    monkeypatch.setitem(gemv.TACTICS, "q8_x_vector", x_vector)
+    monkeypatch.setitem(gemv.TACTICS, "q8_block_n", 8)  # several rows per thread, so x_vector broadcasts
     monkeypatch.setitem(gemv.TACTICS, "q8_max_m", 4)
     monkeypatch.setitem(gemv.TACTICS, "w8a8_gemv", 1)
     layer = make_layer(method, 448, 72, group=0, bias=True, seed=60 + m)
@@ -103,6 +108,8 @@ def test_gemv_llama_shapes_gpu(n, k, m, monkeypatch):
     from llmc.plugins import ops
 
     monkeypatch.setitem(gemv.TACTICS, "max_m", 4)
+    monkeypatch.setitem(gemv.TACTICS, "x_vector", int(m % 2 == 1))  # both activation layouts
+    monkeypatch.setitem(gemv.TACTICS, "block_n", 16)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     out = ops.linear(x, w).float()

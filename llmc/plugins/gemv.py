@@ -31,12 +31,14 @@ TACTICS: dict[str, Any] = {
     "block_k": 512,     # elements per row per load at one activation row (halved per doubling of rows)
     "num_warps": 4,
     "evict_first": 1,   # weights are read once per step: keep L2 for the activations
+    "x_vector": 0,      # activations loaded once per tile and broadcast over its rows (_row_product)
     # 8-bit (int8 / fp8) weights: the CUDA cores convert every byte, so fewer, wider programs. H200, fp8 at
     # one row: 4 x 256 x 8 warps 81.7 us, the MMA decode tiling 85.7 us (80.8 tuned), 2 rows 2x slower.
     "q8_max_m": 1,
     "q8_block_n": 4,
     "q8_block_k": 256,
     "q8_num_warps": 8,
+    "q8_x_vector": 0,
     # W8A8 (int8 activations, SmoothQuant) too: the activations then need converting as well. H200 at one
     # row: 103.9 us against the MMA tiling's 84.8 us, so off unless the tuner finds otherwise.
     "w8a8_gemv": 0,
@@ -64,9 +66,16 @@ def _to_f32(v):
 
 
 @triton.jit
-def _row_product(x_ptr, stride_xm, row: tl.constexpr, M, x_offs, w, mask):
-    """Row ``row``'s activations loaded in the weight tile's own [BLOCK_N, BLOCK_K] shape (every weight row
-    reads the same addresses, served by L1), times the tile: no layout conversion through shared memory."""
+def _row_product(x_ptr, stride_xm, row: tl.constexpr, M, x_offs, offs_k, w, mask, k_mask,
+                 X_VECTOR: tl.constexpr):
+    """Row ``row``'s activations times the weight tile. Loaded in the tile's own [BLOCK_N, BLOCK_K] shape
+    (every weight row reads the same addresses, served by L1): no layout conversion through shared memory,
+    but each is converted once per weight. ``X_VECTOR``: loaded once as a [BLOCK_K] vector, converted once
+    and broadcast over the rows (a shared-memory relayout per tile: pays when a thread holds several rows
+    and the conversion is dear, as for fp8)."""
+    if X_VECTOR:
+        x = tl.load(x_ptr + row * stride_xm + offs_k, mask=k_mask & (row < M))
+        return _to_f32(x)[None, :] * w
     x = tl.load(x_ptr + row * stride_xm + x_offs, mask=mask & (row < M))
     return _to_f32(x) * w
 
@@ -74,8 +83,8 @@ def _row_product(x_ptr, stride_xm, row: tl.constexpr, M, x_offs, w, mask):
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                  X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 EVICT_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 EVICT_FIRST: tl.constexpr, X_VECTOR: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``BLOCK_N`` output channels for all ``M`` (<= ``BLOCK_M`` <= 4) rows: every weight byte is read once,
     one element-wise accumulator per row. Whole K tiles run unmasked; the ragged tail (K % BLOCK_K, e.g.
     Llama's 11,008) is masked and zeroed with ``where`` (a masked load has no defined value, and fp8 has no
@@ -86,6 +95,7 @@ def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, K, stride_x
     w_offs = offs_n[:, None] * stride_wn + offs_k[None, :]
     x_offs = offs_n[:, None] * 0 + offs_k[None, :]
     full = n_mask[:, None] & (offs_k[None, :] >= 0)
+    k_all = offs_k >= 0
     acc0 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc1 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
@@ -97,21 +107,27 @@ def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, K, stride_x
         else:
             w = tl.load(w_ptr + k0 + w_offs, mask=full)
         w = _to_f32(w)
-        acc0 += _row_product(x_ptr + k0, stride_xm, 0, M, x_offs, w, full)
+        acc0 += _row_product(x_ptr + k0, stride_xm, 0, M, x_offs, offs_k, w, full, k_all, X_VECTOR)
         if BLOCK_M > 1:
-            acc1 += _row_product(x_ptr + k0, stride_xm, 1, M, x_offs, w, full)
+            acc1 += _row_product(x_ptr + k0, stride_xm, 1, M, x_offs, offs_k, w, full, k_all, X_VECTOR)
         if BLOCK_M > 2:
-            acc2 += _row_product(x_ptr + k0, stride_xm, 2, M, x_offs, w, full)
-            acc3 += _row_product(x_ptr + k0, stride_xm, 3, M, x_offs, w, full)
+            acc2 += _row_product(x_ptr + k0, stride_xm, 2, M, x_offs, offs_k, w, full, k_all, X_VECTOR)
+            acc3 += _row_product(x_ptr + k0, stride_xm, 3, M, x_offs, offs_k, w, full, k_all, X_VECTOR)
     if k_full < K:
-        tail = n_mask[:, None] & ((k_full + offs_k) < K)[None, :]
+        k_tail = (k_full + offs_k) < K
+        tail = n_mask[:, None] & k_tail[None, :]
+        xt = x_ptr + k_full
         w = _to_f32(tl.load(w_ptr + k_full + w_offs, mask=tail))
-        acc0 += tl.where(tail, _row_product(x_ptr + k_full, stride_xm, 0, M, x_offs, w, tail), 0.0)
+        acc0 += tl.where(tail, _row_product(xt, stride_xm, 0, M, x_offs, offs_k, w, tail, k_tail, X_VECTOR),
+                         0.0)
         if BLOCK_M > 1:
-            acc1 += tl.where(tail, _row_product(x_ptr + k_full, stride_xm, 1, M, x_offs, w, tail), 0.0)
+            acc1 += tl.where(tail, _row_product(xt, stride_xm, 1, M, x_offs, offs_k, w, tail, k_tail, X_VECTOR),
+                             0.0)
         if BLOCK_M > 2:
-            acc2 += tl.where(tail, _row_product(x_ptr + k_full, stride_xm, 2, M, x_offs, w, tail), 0.0)
-            acc3 += tl.where(tail, _row_product(x_ptr + k_full, stride_xm, 3, M, x_offs, w, tail), 0.0)
+            acc2 += tl.where(tail, _row_product(xt, stride_xm, 2, M, x_offs, offs_k, w, tail, k_tail, X_VECTOR),
+                             0.0)
+            acc3 += tl.where(tail, _row_product(xt, stride_xm, 3, M, x_offs, offs_k, w, tail, k_tail, X_VECTOR),
+                             0.0)
     ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0) if W_SCALED else None
     bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) if HAS_BIAS else None
     _store_row(tl.sum(acc0, axis=1), 0, M, xs_ptr, ws, bias, out_ptr, stride_om, offs_n, n_mask,
@@ -140,7 +156,7 @@ def _store_row(y, row: tl.constexpr, M, xs_ptr, ws, bias, out_ptr, stride_om, of
 
 
 MAX_ROWS = 4  # the kernel keeps one accumulator per row, up to this many
-PER_SHAPE_KEYS = ("use", "block_n", "block_k", "num_warps")  # what TACTICS["per_shape"] may set per shape
+PER_SHAPE_KEYS = ("use", "block_n", "block_k", "num_warps", "x_vector")  # what TACTICS["per_shape"] may set per shape
 
 
 def shape_key(n: int, k: int) -> str:
@@ -194,6 +210,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x, x_scale if x_scale is not None else dummy, weight, w_scale if w_scale is not None else dummy,
         bias if bias is not None else dummy, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         X_SCALED=x_scale is not None, W_SCALED=w_scale is not None, HAS_BIAS=bias is not None,
-        EVICT_FIRST=bool(TACTICS["evict_first"]) and not _INTERPRET, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        EVICT_FIRST=bool(TACTICS["evict_first"]) and not _INTERPRET, X_VECTOR=bool(t["x_vector"]), BLOCK_M=bm,
+        BLOCK_N=bn, BLOCK_K=bk,
         num_warps=t["num_warps"])
     return out
