@@ -51,6 +51,30 @@ def _table(fam: Family) -> dict[str, Any]:
     return tactics if fam.scope is None else tactics["per_shape"].setdefault(fam.scope, {})
 
 
+L2_COLD_BYTES = 256 << 20  # weight bytes a GEMM case cycles through: ~5x an H100/H200 L2
+
+
+def _cold(make: Callable[[], Any], nbytes: int, device: str) -> list:
+    """Enough copies of a weight (``make()`` each) that a case cycling through them never hits in L2: a decode
+    step streams every weight from HBM, while one 32 MB weight timed alone would sit in the 50 MB L2. One
+    copy off CUDA, and at most 64 (a weight that small is cheap wherever it is read from)."""
+    count = min(64, -(-L2_COLD_BYTES // max(nbytes, 1))) if str(device).startswith("cuda") else 1
+    return [make() for _ in range(max(1, count))]
+
+
+def _cycle(fn: Callable[[Any], torch.Tensor], weights: list) -> Callable[[], torch.Tensor]:
+    """A case running ``fn`` on each weight copy in turn; it returns the last output (the same weight values)."""
+    def run() -> torch.Tensor:
+        for w in weights[:-1]:
+            fn(w)
+        return fn(weights[-1])
+    return run
+
+
+def _nbytes(t: dict) -> int:
+    return sum(v.numel() * v.element_size() for v in t.values())
+
+
 def cuda_graph_timer(fn: Callable[[], Any]) -> float:
     """Milliseconds per call, replayed from a CUDA graph (launch overhead excluded, as in a decode step)."""
     import triton.testing as tt
@@ -137,15 +161,18 @@ def _gemv_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: t
     for n, k in ([] if method in ("int4", "int4-awq") else _projection_shapes(model)):
         w = torch.randn(n, k, generator=g) * 0.02
         if method is None:
-            calls.append((n, k, 2, lambda x, wd=w.to(device, dtype): tk.linear(x, wd)))
+            ws = _cold(lambda w=w: w.to(device, dtype), n * k * dtype.itemsize, device)
+            calls.append((n, k, 2, lambda x, ws=ws: _cycle(lambda wd: tk.linear(x, wd), ws)()))
         else:
             t = {name: v.to(device) for name, v in quantize_projection(method, w, None).items()}
+            copies = _cold(lambda t=t: {name: v.clone() for name, v in t.items()}, _nbytes(t), device)
             isc = torch.ones(k, device=device) if method == "w8a8" else None
-            calls.append((n, k, 1, lambda x, t=t, isc=isc: qg.qgemm(x, method, t["qweight"], t["scales"], None, 0,
-                                                                    isc)))
+            calls.append((n, k, 1, lambda x, c=copies, isc=isc: _cycle(
+                lambda t: qg.qgemm(x, method, t["qweight"], t["scales"], None, 0, isc), c)()))
     vocab, hidden = model.vocab_size, model.hidden_size
-    lm_head = (torch.randn(vocab, hidden, generator=g) * 0.02).to(device, dtype)
-    head = (vocab, hidden, 2, lambda x: tk.linear(x, lm_head))
+    heads = _cold(lambda: (torch.randn(vocab, hidden, generator=g) * 0.02).to(device, dtype),
+                  vocab * hidden * dtype.itemsize, device)
+    head = (vocab, hidden, 2, lambda x: _cycle(lambda w: tk.linear(x, w), heads)())
 
     def case(k: int, fn, rows: int) -> Callable[[], torch.Tensor]:
         x = torch.randn(rows, k, generator=g).to(device, dtype)
@@ -196,17 +223,19 @@ def _gemm_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: t
     for n, k in shapes:
         t = {name: v.to(device) for name, v in
              quantize_projection(quant.method, torch.randn(n, k, generator=g) * 0.02, group or None).items()}
+        if group:
+            t["scales_gn"], t["zeros_gn"] = t["scales"].t().contiguous(), t["zeros"].t().contiguous()
+        copies = _cold(lambda t=t: {name: v.clone() for name, v in t.items()}, _nbytes(t), device)
         isc = torch.ones(k, device=device) if quant.method in ("int4-awq", "w8a8") else None
-        projections.append((k, t, isc))
+        projections.append((k, copies, isc))
         # one row for int4 (its GEMV); 16 for 8-bit weights, whose fewest rows take gemv.py instead
         x = torch.randn(1 if group else 16, k, generator=g).to(device, dtype)
-        sg = t["scales"].t().contiguous() if group else None
-        zg = t["zeros"].t().contiguous() if group else None
-        cases.append(lambda x=x, t=t, isc=isc, sg=sg, zg=zg: qg.qgemm(
-            x, quant.method, t["qweight"], t["scales"], t.get("zeros"), group, isc, None, sg, zg))
+        cases.append(_cycle(lambda t, x=x, isc=isc: qg.qgemm(x, quant.method, t["qweight"], t["scales"], t.get("zeros"),
+                                                            group, isc, None, t.get("scales_gn"), t.get("zeros_gn")),
+                            copies))
     if group:
         return [Family("int4 GEMV (1 row)", "quant_gemm", ("gemv_block_n", "gemv_block_k", "gemv_num_warps"),
-                       list(itertools.product((16, 32, 64), (256, 512, 1024), (4, 8))), cases)]
+                       list(itertools.product((32, 64, 128), (256, 512), (4, 8))), cases)]
     fams = [Family(f"{quant.method} GEMM (decode rows)", "quant_gemm",
                    ("small_block_n", "small_block_k", "small_swap"),
                    list(itertools.product((32, 64), (128, 256), (0, 1))), cases)]
@@ -215,11 +244,11 @@ def _gemm_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: t
         # From how many rows the library GEMM (cuBLASLt FP8 / _int_mm) beats the decode tiling: timed at
         # batched-decode row counts, where a 128-wide library tile is half empty.
         wide = []
-        for k, t, isc in projections:  # the same quantized weights as the decode-rows family
+        for k, copies, isc in projections:  # the same quantized weights as the decode-rows family
             for m in (32, 64):
                 x = torch.randn(m, k, generator=g).to(device, dtype)
-                wide.append(lambda x=x, t=t, isc=isc: qg.qgemm(x, quant.method, t["qweight"], t["scales"], None, 0,
-                                                              isc))
+                wide.append(_cycle(lambda t, x=x, isc=isc: qg.qgemm(x, quant.method, t["qweight"], t["scales"], None,
+                                                                   0, isc), copies))
         fams.append(Family(f"{quant.method} library GEMM from M rows", "quant_gemm", (lib_key,),
                            [(17,), (33,), (65,)], wide))
     return fams
