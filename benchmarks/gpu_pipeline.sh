@@ -158,7 +158,8 @@ declare -A DLARGS=(
   [int8_b1]="/tmp/en-int8 --batch 1 --steps 128 --profile"
   [int4_b1]="/tmp/en-int4 --batch 1 --steps 128 --profile"
   [int4_b1_bytes]="/tmp/en-int4 --batch 1 --steps 128 --profile --tactic quant_gemm.gemv_words=0"
-  [int4_b1_mma]="/tmp/en-int4 --batch 1 --steps 128 --profile --tactic quant_gemm.gemv_max_m=0")
+  [int4_b1_mma]="/tmp/en-int4 --batch 1 --steps 128 --profile --tactic quant_gemm.gemv_max_m=0"
+  [int4_b1_old]="/tmp/en-int4 --batch 1 --steps 128 --profile --tactic quant_gemm.gemv_words=0 --tactic quant_gemm.gemv_block_n=16 --tactic quant_gemm.gemv_block_k=1024")
 tp() {  # tp ENGINE@BATCH[:INxOUT[:N]] [extra llmc bench flags]
   spec=$1; shift
   eng=${spec%%@*}; rest=${spec#*@}; batch=${rest%%:*}

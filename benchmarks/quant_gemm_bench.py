@@ -87,12 +87,12 @@ def quant_copies(method: str, n: int, k: int) -> list[dict]:
 
 def _variants(method: str, rows: int) -> list[tuple[str, dict, dict]]:
     """(label, gemv tactics, quant_gemm tactics) timed for ``method`` at ``rows``: 8-bit weights as the GEMV
-    and as the MMA decode tiling up to the GEMV's rows; int4 up to its GEMV's rows as that GEMV (int32 words),
-    its byte-wise variant and the MMA decode tiling."""
+    and as the MMA decode tiling up to the GEMV's rows; int4 up to its GEMV's rows as that GEMV (its default
+    tactics), its byte-wise variant and the MMA decode tiling."""
     if rows > GEMV_ROWS:
         return [(method, {}, {})]
     if method == "int4":
-        return [("int4_gemv", {}, {"gemv_max_m": GEMV_ROWS, "gemv_words": 1}),
+        return [("int4_gemv", {}, {"gemv_max_m": GEMV_ROWS}),
                 ("int4_gemv_bytes", {}, {"gemv_max_m": GEMV_ROWS, "gemv_words": 0}),
                 ("int4_mma", {}, {"gemv_max_m": 0})]
     return [(method + "_gemv", {"q8_max_m": GEMV_ROWS, "w8a8_gemv": 1}, {}),
