@@ -2,6 +2,7 @@
 checking, storage in engine.json, application at load. Kernels run under the Triton interpreter on CPU."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -64,12 +65,27 @@ def test_failing_and_wrong_variants_are_dropped(monkeypatch):
 
 def test_tune_covers_attention_and_quantized_gemm_families(monkeypatch):
     fewer_gemv_tiles(monkeypatch)
-    res = tuning.tune(TINY, SMALL, QuantConfig("int4", group_size=32), device=DEV,
-                      timer=fake_timer_preferring("gemv_block_n", 32, qg), show_progress=False,
+    saved = copy.deepcopy(qg.TACTICS)
+
+    def timer(fn):  # the int4 GEMV is fastest at 32-row tiles, whichever shape's entry is being tuned
+        fn()
+        return 1.0 + sum(abs(qg.TACTICS["per_shape"].get(s, {}).get("gemv_block_n", qg.TACTICS["gemv_block_n"]) - 32)
+                         for s in ("128x64", "64x64", "256x64", "64x128"))
+    res = tuning.tune(TINY, SMALL, QuantConfig("int4", group_size=32), device=DEV, timer=timer, show_progress=False,
                       seconds_per_family=300)
     names = [f["family"] for f in res["tuning"]["families"]]
-    assert names == ["attention decode", "attention prefill", "int4 GEMV (1 row)", "GEMV 64x64 (1 row)"]  # + LM head
-    assert res["quant_gemm"]["gemv_block_n"] == 32
+    shapes = ["128x64", "64x64", "256x64", "64x128"]  # QKV, O, gate/up, down: the int4 GEMV's tiles per shape
+    assert names == (["attention decode", "attention prefill"] + [f"int4 GEMV {s} (1 row)" for s in shapes]
+                     + ["GEMV 64x64 (1 row)"])  # + the LM head's
+    assert {s: e["gemv_block_n"] for s, e in res["quant_gemm"]["per_shape"].items()} == dict.fromkeys(shapes, 32)
+    assert qg.TACTICS == saved  # restored after tuning
+    tuning.apply_tactics({"quant_gemm": res["quant_gemm"]})
+    try:
+        assert qg.int4_gemv_tactics(256, 64)["gemv_block_n"] == 32
+        assert qg.int4_gemv_tactics(512, 64) == {k: saved[k] for k in qg.PER_SHAPE_KEYS}  # an untuned shape
+    finally:
+        qg.TACTICS.clear()
+        qg.TACTICS.update(saved)
     assert set(res["triton_kernels"]) == {"decode_block_n", "decode_num_warps", "decode_num_stages",
                                           "prefill_block_m", "prefill_block_n", "prefill_num_warps",
                                           "prefill_num_stages"}
@@ -133,7 +149,6 @@ def test_unquantized_engines_choose_the_gemv_per_shape_then_its_row_limit(monkey
     """A bf16/fp32 engine's linears are cuBLAS or the GEMV, chosen per weight shape (the LM head too, a
     shape met twice timed once) with that shape's tiles; then the row limit, with those choices in place.
     The quantized-GEMM families do not run, and the choices reach the dispatch once applied."""
-    import copy
 
     saved = copy.deepcopy(gemv.TACTICS)
     seen = []

@@ -214,6 +214,7 @@ def _with_tactics(module: str, overrides: dict[str, Any], fn: Callable[[], torch
 def _gemm_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: torch.dtype) -> list[Family]:
     from llmc.convert.quantize import quantize_projection
     from llmc.models.quant_linear import group_size_of
+    from llmc.plugins import gemv
     from llmc.plugins import quant_gemm as qg
 
     shapes = _projection_shapes(model)
@@ -233,9 +234,11 @@ def _gemm_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: t
         cases.append(_cycle(lambda t, x=x, isc=isc: qg.qgemm(x, quant.method, t["qweight"], t["scales"], t.get("zeros"),
                                                             group, isc, None, t.get("scales_gn"), t.get("zeros_gn")),
                             copies))
-    if group:
-        return [Family("int4 GEMV (1 row)", "quant_gemm", ("gemv_block_n", "gemv_block_k", "gemv_num_warps"),
-                       list(itertools.product((32, 64, 128), (256, 512), (4, 8))), cases)]
+    if group:  # its GEMV's tiles per weight shape (qg.TACTICS["per_shape"]), as TensorRT picks per layer
+        tiles = list(itertools.product((32, 64, 128), (256, 512), (4, 8)))
+        return [Family(f"int4 GEMV {n}x{k} (1 row)", "quant_gemm", qg.PER_SHAPE_KEYS, tiles, [case],
+                       scope=gemv.shape_key(n, k), defaults=qg.int4_gemv_tactics(n, k))
+                for (n, k), case in zip(shapes, cases)]
     fams = [Family(f"{quant.method} GEMM (decode rows)", "quant_gemm",
                    ("small_block_n", "small_block_k", "small_swap"),
                    list(itertools.product((32, 64), (128, 256), (0, 1))), cases)]
