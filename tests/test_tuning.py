@@ -149,7 +149,6 @@ def test_unquantized_engines_choose_the_gemv_per_shape_then_its_row_limit(monkey
     """A bf16/fp32 engine's linears are cuBLAS or the GEMV, chosen per weight shape (the LM head too, a
     shape met twice timed once) with that shape's tiles; then the row limit, with those choices in place.
     The quantized-GEMM families do not run, and the choices reach the dispatch once applied."""
-
     saved = copy.deepcopy(gemv.TACTICS)
     seen = []
 
