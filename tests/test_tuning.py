@@ -232,11 +232,24 @@ def test_apply_rejects_tactics_from_another_version(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_real_tuner_on_gpu():
+@pytest.mark.parametrize("method", ["int8", "int4", "none"])
+def test_real_tuner_on_gpu(method):
+    """The real timer on real kernels: every family (per-shape ones included) runs, winners are no slower than
+    the defaults, and the engine's tactics load back."""
     cfg = BuildConfig(max_batch_size=8, max_seq_len=1024, max_num_tokens=512, block_size=16, dtype="bfloat16")
     model = ModelConfig(model_type="llama", vocab_size=256, hidden_size=512, intermediate_size=1024,
                         num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
                         max_position_embeddings=1024)
-    res = tuning.tune(model, cfg, QuantConfig("int8"), show_progress=False, seconds_per_family=20)
+    quant = QuantConfig(method, group_size=128) if method == "int4" else QuantConfig(method)
+    saved = {m: copy.deepcopy(tuning._module(m).TACTICS) for m in tuning.TUNABLE_MODULES}
+    res = tuning.tune(model, cfg, quant, show_progress=False, seconds_per_family=20)
     for fam in res["tuning"]["families"]:
         assert fam["winner_ms"] <= fam["default_ms"] + 1e-9
+    if method == "int4":
+        assert len(res["quant_gemm"]["per_shape"]) == 4
+    try:
+        tuning.apply_tactics({k: v for k, v in res.items() if k != "tuning"})
+    finally:
+        for m, table in saved.items():
+            tuning._module(m).TACTICS.clear()
+            tuning._module(m).TACTICS.update(table)
