@@ -8,8 +8,10 @@ per weight instead of 2:
   channel scale is applied once in the epilogue;
 - int4 group-wise (two nibbles per byte along K, even index low): each K tile lies inside one group
   (``GROUP % BLOCK_K == 0``), so ``acc += (x_tile @ (q - zero)^T) * scale[group]``: the tensor cores see
-  small exact integers, never a rounded dequantized weight. The low nibbles meet the even inputs and the
-  high nibbles the odd ones in two half-width dots, so the packed tile is never interleaved;
+  small exact integers (``16 + q``, written into 16-bit floats' mantissas, ``_nibbles``), never a rounded
+  dequantized weight. The low nibbles meet the even inputs and the high nibbles the odd ones in two
+  half-width dots, so the packed tile is never interleaved. The fewest int4 rows take a CUDA-core GEMV
+  instead (``_int4_gemv_kernel``: int32 words, nibbles masked in place, tiles per weight shape);
 - activations are either the float input (weight-only methods; AWQ's ``input_scale`` is divided in the
   tile) or a per-token quantized copy (fp8 E4M3 / int8, made by ``_act_quant_kernel``), in which case
   ``acc`` is also multiplied by the token's scale. The dots then run on the 8-bit operands themselves
@@ -26,6 +28,8 @@ grid from host ints (tensor shapes), so a step stays capturable in a CUDA graph.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -36,7 +40,7 @@ from llmc.plugins.act_quant import (QUANTIZED_INPUT_METHODS, QuantizedRows, chec
                                     quantize_rows)
 from llmc.plugins.triton_compat import INTERPRET as _INTERPRET
 
-TACTICS: dict[str, int] = {
+TACTICS: dict[str, Any] = {
     "gemv_max_m": 2,            # int4 rows up to this run one CUDA-core GEMV per row
     "gemv_block_n": 64,         # int4 GEMV tile. H200 sweep at one row, Llama-2-7B's four projections: 64 x 512 x
     "gemv_block_k": 512,        # 4 warps, words with split inputs: 71.9 us in all (the byte loop at 16 x 1024, the
@@ -171,12 +175,10 @@ def _nibbles(wp, cdt: tl.constexpr):
     arithmetic as Triton ops."""
     if _PTX and cdt == tl.bfloat16:
         return tl.inline_asm_elementwise(_NIBBLES_BF16_PTX, "=r,=r,=r,=r,r", [wp], dtype=(tl.bfloat16, tl.bfloat16),
-                                         is_pure=True,
-                                         pack=4)
+                                         is_pure=True, pack=4)
     if _PTX and cdt == tl.float16:
         return tl.inline_asm_elementwise(_NIBBLES_FP16_PTX, "=r,=r,=r,=r,r", [wp], dtype=(tl.float16, tl.float16),
-                                         is_pure=True,
-                                         pack=4)
+                                         is_pure=True, pack=4)
     if cdt == tl.bfloat16:  # 0x4300 = 128.0, mantissa bits 3..6
         w = wp.to(tl.int16)
         lo = ((w << 3) & 0x78) | 0x4300
@@ -251,7 +253,7 @@ def _qgemm_kernel(x_ptr, xs_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, p
                 x = tl.minimum(tl.maximum(_round_half_even(v), -127.0), 127.0).to(tl.int8)
         if W_INT4:
             # low nibbles hold the even inputs, high the odd: split x instead of interleaving the weight.
-            # sum_k (q - z) x = sum_k q x - z sum_k x, so the MMAs see the raw nibbles (exact in 16 bits).
+            # sum_k (q - z) x = sum_k (16 + q) x - (z + 16) sum_k x: the MMAs see 16 + q, exact in 16 bits.
             xe, xo = tl.split(tl.reshape(x.to(cdt), (BLOCK_M, BLOCK_K // 2, 2)))
             offs_j = tl.arange(0, BLOCK_K // 2)
             wp = tl.load(w_ptr + offs_n[:, None] * stride_wn + k0 // 2 + offs_j[None, :], mask=n_mask[:, None],
@@ -412,7 +414,8 @@ def _int4_gemv_kernel(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_
                       BLOCK_K: tl.constexpr):
     """One activation row against ``BLOCK_N`` int4 rows on the CUDA cores (no MMA padding to 16 rows).
     A K tile spans ``BLOCK_K // GROUP`` whole groups; per group ``sum (q - z) x = sum q x - z sum x``.
-    ``WORDS``: read the packed weight as int32 words of 8 nibbles (k = 8 * word + nibble), else as bytes.
+    ``WORDS``: read the packed weight as int32 words of 8 nibbles (k = 8 * word + nibble), the inputs as one
+    vector split in registers (2) or eight strided loads (1); 0: as bytes.
     A split runs its whole tiles unmasked, then at most one ragged tile (K % BLOCK_K); the last split may
     hold fewer tiles than the others, or none."""
     row, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
