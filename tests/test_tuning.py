@@ -46,6 +46,20 @@ def test_picks_the_fastest_valid_variant_and_restores_tactics():
     assert tk.TACTICS == saved
 
 
+def test_progress_bar_reaches_its_total_when_the_default_is_in_the_grid():
+    """``tune`` sizes the bar as grid + default; a default that is also a grid point runs once, and the bar
+    must still end full (the 7B int4 build's bar stopped at 113 of 120)."""
+    import io
+
+    from tqdm import tqdm
+
+    fam = tuning._attention_families(TINY, SMALL, DEV, torch.float32)[0]
+    fam.candidates = fam.candidates[:2] + [tuple(tk.TACTICS[k] for k in fam.keys)]
+    with tqdm(total=len(fam.candidates) + 1, file=io.StringIO()) as bar:
+        tuning.tune_family(fam, fake_timer_preferring("decode_block_n", 64), 1e-3, bar)
+        assert bar.n == bar.total
+
+
 def test_failing_and_wrong_variants_are_dropped(monkeypatch):
     fam = tuning.Family("toy", "triton_kernels", ("decode_block_n",), [(32,), (64,), (128,)], [])
     state = {}

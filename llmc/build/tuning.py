@@ -292,6 +292,8 @@ def tune_family(fam: Family, timer: Timer, tol: float, bar=None, seconds: float 
     finally:
         tactics.clear()
         tactics.update(saved)
+    if bar is not None:  # the bar counts the grid plus the default; a default inside the grid ran once
+        bar.update(len(fam.candidates) + 1 - len(candidates))
     timed = [r for r in rows if "ms" in r]
     if not timed:
         raise ConfigError(f"tuning {fam.name}: no variant ran, the default included ({rows[0].get('error')}); "
