@@ -85,13 +85,14 @@ def kernel_specs() -> dict[str, tuple]:
     from llmc.plugins import triton_kernels as tk
 
     t, gt, qt = tk.TACTICS, gemv.TACTICS, qg.TACTICS
-    gemv_spec = lambda w, x, q8: (  # noqa: E731  one decode row, the default tiles of its weight width
-        gemv._gemv_kernel, {"x_ptr": x, "xs_ptr": "*fp32", "w_ptr": w, "ws_ptr": "*fp32", "b_ptr": "*bf16",
-                            "out_ptr": "*bf16"},
-        dict(X_SCALED=x != "*bf16", W_SCALED=q8, HAS_BIAS=False, EVICT_FIRST=bool(gt["evict_first"]), BLOCK_M=1,
-             X_VECTOR=bool(gt["q8_x_vector" if q8 else "x_vector"]), BLOCK_N=gt["q8_block_n" if q8 else "block_n"],
-             BLOCK_K=gt["q8_block_k" if q8 else "block_k"]),
-        gt["q8_num_warps" if q8 else "num_warps"], 1, ())
+    def gemv_spec(w: str, x: str, q8: bool) -> tuple:
+        """One decode row at the default tiles of its weight width (``gemv.shape_tactics``, no tuned shapes)."""
+        d = gemv.shape_tactics(1 if q8 else 2, 0, 0)
+        return (gemv._gemv_kernel, {"x_ptr": x, "xs_ptr": "*fp32", "w_ptr": w, "ws_ptr": "*fp32", "b_ptr": "*bf16",
+                                    "out_ptr": "*bf16"},
+                dict(X_SCALED=x != "*bf16", W_SCALED=q8, HAS_BIAS=False, EVICT_FIRST=bool(gt["evict_first"]),
+                     BLOCK_M=1, X_VECTOR=bool(d["x_vector"]), BLOCK_N=d["block_n"], BLOCK_K=d["block_k"]),
+                d["num_warps"], 1, ())
     kv8 = {"kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv", "ks_ptr": "*fp32", "vs_ptr": "*fp32"}
     fp8_kv = dict(QUANT=True, QMAX=448.0, IS_INT=False, ROUND_FP8=False)
     prefill = lambda q, kv, quant: (  # noqa: E731

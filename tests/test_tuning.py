@@ -46,6 +46,21 @@ def test_picks_the_fastest_valid_variant_and_restores_tactics():
     assert tk.TACTICS == saved
 
 
+def test_gemm_cases_cycle_through_enough_weight_copies_to_miss_l2():
+    """On CUDA a case streams >= 256 MB of weight copies (a 32 MB one alone would sit in the H200's L2), at most
+    64 of them; off CUDA one copy. The cycled case runs every copy and returns the last one's output."""
+    made = []
+    assert len(tuning._cold(lambda: made.append(1), 32 << 20, "cuda")) == 8
+    assert len(tuning._cold(lambda: 0, 300 << 20, "cuda:0")) == 1
+    assert len(tuning._cold(lambda: 0, 1 << 10, "cuda")) == 64
+    assert len(tuning._cold(lambda: 0, 32 << 20, "cpu")) == 1 and len(made) == 8
+    seen = []
+    case = tuning._cycle(lambda w: seen.append(w) or torch.tensor(float(w)), [1, 2, 3])
+    assert float(case()) == 3.0 and seen == [1, 2, 3]
+    copies = tuning._cold_tensors({"q": torch.ones(4, dtype=torch.int8)}, "cpu")
+    assert len(copies) == 1 and torch.equal(copies[0]["q"], torch.ones(4, dtype=torch.int8))
+
+
 def test_progress_bar_reaches_its_total_when_the_default_is_in_the_grid():
     """``tune`` sizes the bar as grid + default; a default that is also a grid point runs once, and the bar
     must still end full (the 7B int4 build's bar stopped at 113 of 120)."""

@@ -71,8 +71,10 @@ def _cycle(fn: Callable[[Any], torch.Tensor], weights: list) -> Callable[[], tor
     return run
 
 
-def _nbytes(t: dict) -> int:
-    return sum(v.numel() * v.element_size() for v in t.values())
+def _cold_tensors(t: dict[str, torch.Tensor], device: str) -> list[dict[str, torch.Tensor]]:
+    """``_cold`` copies of a quantized weight's tensors (one ``clone`` of each per copy)."""
+    nbytes = sum(v.numel() * v.element_size() for v in t.values())
+    return _cold(lambda: {name: v.clone() for name, v in t.items()}, nbytes, device)
 
 
 def cuda_graph_timer(fn: Callable[[], Any]) -> float:
@@ -165,7 +167,7 @@ def _gemv_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: t
             calls.append((n, k, 2, lambda x, ws=ws: _cycle(lambda wd: tk.linear(x, wd), ws)()))
         else:
             t = {name: v.to(device) for name, v in quantize_projection(method, w, None).items()}
-            copies = _cold(lambda t=t: {name: v.clone() for name, v in t.items()}, _nbytes(t), device)
+            copies = _cold_tensors(t, device)
             isc = torch.ones(k, device=device) if method == "w8a8" else None
             calls.append((n, k, 1, lambda x, c=copies, isc=isc: _cycle(
                 lambda t: qg.qgemm(x, method, t["qweight"], t["scales"], None, 0, isc), c)()))
@@ -226,7 +228,7 @@ def _gemm_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: t
              quantize_projection(quant.method, torch.randn(n, k, generator=g) * 0.02, group or None).items()}
         if group:
             t["scales_gn"], t["zeros_gn"] = t["scales"].t().contiguous(), t["zeros"].t().contiguous()
-        copies = _cold(lambda t=t: {name: v.clone() for name, v in t.items()}, _nbytes(t), device)
+        copies = _cold_tensors(t, device)
         isc = torch.ones(k, device=device) if quant.method in ("int4-awq", "w8a8") else None
         projections.append((k, copies, isc))
         # one row for int4 (its GEMV); 16 for 8-bit weights, whose fewest rows take gemv.py instead

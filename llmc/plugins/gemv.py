@@ -42,8 +42,8 @@ TACTICS: dict[str, Any] = {
     # W8A8 (int8 activations, SmoothQuant) too: the activations then need converting as well. H200 at one
     # row: 103.9 us against the MMA tiling's 84.8 us, so off unless the tuner finds otherwise.
     "w8a8_gemv": 0,
-    # Per weight shape "NxK", what the build-time tuner chose at one row: {"use": 0|1, "block_n", "block_k",
-    # "num_warps"}; missing entries fall back to the keys above. On the H200 the best differs by shape (bf16:
+    # Per weight shape "NxK", what the build-time tuner chose at one row (PER_SHAPE_KEYS: "use" 0|1, "block_n",
+    # "block_k", "num_warps", "x_vector"); missing entries fall back to the keys above. On the H200 the best differs by shape (bf16:
     # cuBLAS for QKV, the GEMV for O and down; fp8: the MMA tiling for QKV and gate/up), as TensorRT picks
     # a tactic per layer.
     "per_shape": {},
@@ -211,6 +211,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         bias if bias is not None else dummy, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         X_SCALED=x_scale is not None, W_SCALED=w_scale is not None, HAS_BIAS=bias is not None,
         EVICT_FIRST=bool(TACTICS["evict_first"]) and not _INTERPRET, X_VECTOR=bool(t["x_vector"]), BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=t["num_warps"])
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=t["num_warps"])
     return out
