@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llmc.config import KV_CACHE_DTYPES  # noqa: E402
-from llmc.plugins import ops  # noqa: E402
+from llmc.plugins import ops, triton_compat  # noqa: E402
 from llmc.runtime.engine import LLMEngine  # noqa: E402
 from llmc.runtime.model_runner import kv_bytes_per_block  # noqa: E402
 from llmc.runtime.sampling_params import SamplingParams  # noqa: E402
@@ -161,6 +161,8 @@ def main() -> None:
                     help="override the engine's KV cache format")
     ap.add_argument("--no-fuse", action="append", default=[], choices=sorted(ops.FUSIONS),
                     help="run this fusion's ops unfused (repeatable): before/after figures in one process")
+    ap.add_argument("--no-pdl", action="store_true",
+                    help="launch every kernel serially (no programmatic dependent launch): the before figure")
     ap.add_argument("--tactic", action="append", default=[], metavar="MODULE.KEY=INT",
                     help="override one kernel tactic over the engine's tuned ones (repeatable), e.g. "
                          "gemv.max_m=0 runs decode rows on the MMA GEMMs: before/after in one call")
@@ -168,6 +170,7 @@ def main() -> None:
     for name in a.no_fuse:
         ops.FUSIONS[name] = False
     overrides = override_tactics(a.tactic)
+    triton_compat.PDL["enabled"] = not a.no_pdl
     bw = measure_bandwidth()
     t0 = time.perf_counter()
     eng = LLMEngine(a.engine, device="cuda", gpu_memory_utilization=a.gpu_memory_utilization,
@@ -186,7 +189,8 @@ def main() -> None:
            "weight_GB": wbytes / 1e9, "floor_ms": floor_ms, "startup_s": startup,
            "graph_capture_s": eng.runner.graph_capture_seconds, "quant": eng.engine.quant.method,
            "cuda_graphs": eng.runner.graphs is not None, "async_scheduling": eng.async_scheduling,
-           "kv_cache_dtype": str(eng.runner.kv_dtype), "fusions": dict(ops.FUSIONS), "tactic_overrides": overrides}
+           "kv_cache_dtype": str(eng.runner.kv_dtype), "fusions": dict(ops.FUSIONS), "pdl": triton_compat.PDL["enabled"],
+           "tactic_overrides": overrides}
     ours = llmc_decode(eng, a.batch, a.prompt_len, a.steps)
     res["llmc"] = {**ours, "fraction_of_floor": floor_ms / ours["ms_per_step"],
                    "tokens_per_s": a.batch * 1e3 / ours["ms_per_step"]}

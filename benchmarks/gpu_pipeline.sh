@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call (issues 6 and 8): GPU tests, synthetic Llama-2-7B engines, decode latency, throughput.
-#   1. GPU tests (TESTS=0 skips; GPU_TESTS picks the files / -k filter; GPU_MARK= also runs the unmarked tests
+#   1. GPU tests (TESTS=0 skips; GPU_TESTS picks the files, GPU_K a -k expression; GPU_MARK= also runs the unmarked tests
 #      that pick CUDA when there is one).
 #   2. Synthetic Llama-2-7B weights (random, bf16) -> engines named in QUANTS: none (bf16), fp8, fp8kv (fp8
 #      weights + fp8 KV cache), nonekv (bf16 + fp8 KV cache); --max-batch-size $MAXB (default 64); --no-tune
@@ -12,7 +12,9 @@
 #      HF generate_batch (HF_SET entries INxOUT:N).
 #   5. attention kernels alone (KBENCH_SET: ';'-separated argument lists of benchmarks/kernels.py, e.g.
 #      "--quick --decode-only --sweep --kv-dtype fp8 --decode-shapes 64x256,256x256"), after the tests.
-#   6. GEMMs / GEMV alone (QGEMM_ARGS: arguments of benchmarks/quant_gemm_bench.py), after the kernels.
+#   6. GEMMs / GEMV alone (QGEMM_ARGS: arguments of benchmarks/quant_gemm_bench.py), after the kernels; before
+#      them, Nsight Compute on single GEMM launches (NCU_SET: ';'-separated benchmarks/gemv_profile.py argument
+#      lists; NCU_KERNEL: the kernel-name regex, default gemv), each report also as $OUT/ncu_N.txt.
 # Subsets: TESTS=0 BUILD=0 DECODE=0 THROUGHPUT=0 HF_TP=0 skip parts; ORDER="throughput decode" runs throughput first;
 # XDIST=N runs the GPU tests in N pytest-xdist workers (Triton compiles are CPU-bound; the image has xdist).
 # Everything lands in $OUT/results.tar.gz plus $OUT/summary.txt (the device tool returns at most 8 files).
@@ -35,7 +37,7 @@ fi
 if [ "${TESTS:-1}" = 1 ]; then
   # shellcheck disable=SC2086
   timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -v -p no:cacheprovider ${XDIST:+-n $XDIST} ${GPU_MARK--m gpu} \
-    ${GPU_TESTS:-tests/test_pipeline.py tests/test_gpu.py} 2>&1 \
+    ${GPU_TESTS:-tests/test_pipeline.py tests/test_gpu.py} ${GPU_K:+-k "$GPU_K"} 2>&1 \
     | tee "$R/gpu_tests_full.log" | tail -25 > "$R/gpu_tests.log"; tail -8 "$R/gpu_tests.log" | tee -a "$OUT/summary.txt"
   el "gpu tests"
 fi
@@ -61,6 +63,19 @@ for k, v in d.get("sweep", {}).items():
         f"{'/'.join(str(x) for x in list(r.values())[:-1])}={r.get('ms', r.get('llmc_ms')):.4f}" for r in rows[:12]))
 PY
   el "kernels $i"
+done
+i=0
+IFS=';' read -r -a NC <<< "${NCU_SET:-}"
+for nargs in "${NC[@]}"; do  # Nsight Compute on one GEMM launch (benchmarks/gemv_profile.py arguments)
+  i=$((i + 1))
+  # shellcheck disable=SC2086
+  timeout "${NCU_TIMEOUT:-120}" ncu --clock-control none --kernel-name regex:"${NCU_KERNEL:-gemv}" --launch-skip 2 \
+    --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+    --section LaunchStats --section WarpStateStats --section SchedulerStats \
+    python3 benchmarks/gemv_profile.py $nargs > "$R/ncu_$i.txt" 2>&1
+  { echo "ncu $nargs"; grep -E "DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Theoretical Occupancy|Registers Per|Block Limit|Warp Cycles Per Issued|Issued Warp|No Eligible|Active Warps Per|Eligible Warps|Stall|L1/TEX Hit|L2 Hit|Mem Busy|Max Bandwidth|Waves Per SM|Grid Size|Block Size" "$R/ncu_$i.txt" | head -40; } | tee -a "$OUT/summary.txt"
+  cp "$R/ncu_$i.txt" "$OUT/ncu_$i.txt" 2>/dev/null
+  el "ncu $i"
 done
 if [ -n "${QGEMM_ARGS:-}" ]; then  # e.g. QGEMM_ARGS="--rows 1,2,4 --sweep": benchmarks/quant_gemm_bench.py
   # shellcheck disable=SC2086
@@ -157,6 +172,12 @@ declare -A DLARGS=(
   [fp8kv_b1]="/tmp/en-fp8kv --batch 1 --steps 128 --profile"
   [int8_b1]="/tmp/en-int8 --batch 1 --steps 128 --profile"
   [int4_b1]="/tmp/en-int4 --batch 1 --steps 128 --profile"
+  [bf16_b1_nopdl]="/tmp/en-none --batch 1 --steps 128 --profile --no-pdl"
+  [bf16_b1_noprefetch]="/tmp/en-none --batch 1 --steps 128 --profile --tactic gemv.prefetch=0"
+  [fp8_b1_nopdl]="/tmp/en-fp8 --batch 1 --steps 128 --profile --no-pdl"
+  [int8_b1_nopdl]="/tmp/en-int8 --batch 1 --steps 128 --profile --no-pdl"
+  [int4_b1_nopdl]="/tmp/en-int4 --batch 1 --steps 128 --profile --no-pdl"
+  [bf16_b64_nopdl]="/tmp/en-none --batch 64 --steps 64 --profile --no-pdl"
   [int4_b1_bytes]="/tmp/en-int4 --batch 1 --steps 128 --profile --tactic quant_gemm.gemv_words=0"
   [int4_b1_mma]="/tmp/en-int4 --batch 1 --steps 128 --profile --tactic quant_gemm.gemv_max_m=0"
   [int4_b1_old]="/tmp/en-int4 --batch 1 --steps 128 --profile --tactic quant_gemm.gemv_words=0 --tactic quant_gemm.gemv_block_n=16 --tactic quant_gemm.gemv_block_k=1024")

@@ -41,6 +41,8 @@ def compile_kernel(fn, ptrs: dict[str, str], const: dict, warps: int = 4, stages
     if not isinstance(fn, triton.runtime.jit.JITFunction):
         raise SystemExit("TRITON_INTERPRET=1 is set: the kernels are interpreted, there is nothing to compile")
     names = fn.arg_names
+    if "PDL" in names:  # as launched on sm_90: programmatic dependent launch on
+        const = {"PDL": True, **const}
     missing = (set(const) | set(ptrs) | set(floats)) - set(names)
     if missing:
         raise SystemExit(f"{fn.__name__} has no {sorted(missing)}: update its spec to the kernel's signature")
@@ -91,7 +93,8 @@ def kernel_specs() -> dict[str, tuple]:
         return (gemv._gemv_kernel, {"x_ptr": x, "xs_ptr": "*fp32", "w_ptr": w, "ws_ptr": "*fp32", "b_ptr": "*bf16",
                                     "out_ptr": "*bf16"},
                 dict(X_SCALED=x != "*bf16", W_SCALED=q8, HAS_BIAS=False, EVICT_FIRST=bool(gt["evict_first"]),
-                     BLOCK_M=1, X_VECTOR=bool(d["x_vector"]), BLOCK_N=d["block_n"], BLOCK_K=d["block_k"]),
+                     BLOCK_M=1, X_VECTOR=bool(d["x_vector"]), BLOCK_N=d["block_n"], BLOCK_K=d["block_k"],
+                     PREFETCH=bool(gt["prefetch"])),
                 d["num_warps"], 1, ())
     kv8 = {"kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv", "ks_ptr": "*fp32", "vs_ptr": "*fp32"}
     fp8_kv = dict(QUANT=True, QMAX=448.0, IS_INT=False, ROUND_FP8=False)

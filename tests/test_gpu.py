@@ -50,3 +50,68 @@ def test_gpu_greedy_matches_cpu_and_graphs_match_eager(tiny_factory):
     assert _run(eager, prompts) == cpu
     assert _run(graphs, prompts) == cpu
     assert graphs.kv.num_used_blocks == 0
+
+
+def _greedy_logprobs(eng, prompts, max_tokens=24):
+    reqs = [eng.add_request(prompt_token_ids=p, params=SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                                      ignore_eos=True, logprobs=0)) for p in prompts]
+    while eng.has_unfinished_requests():
+        eng.step()
+    outs = [r.final_output().outputs[0] for r in reqs]
+    return [(o.token_ids, [lp.logprob for lp in o.logprobs]) for o in outs]
+
+
+@pytest.fixture
+def pdl_switch():
+    from llmc.plugins import triton_compat
+
+    yield triton_compat.PDL
+    triton_compat.PDL["enabled"] = True
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_pdl_gives_the_same_bits(tiny_factory, pdl_switch, graphs):
+    """Programmatic dependent launch only moves when kernels start: greedy tokens and their logprobs in bf16
+    are the same bits with it on and off, eager and in CUDA graphs (a missing wait would race)."""
+    _, engine = tiny_factory("llama-gqa")
+    prompts = _prompts(10, 11)
+    kw = {} if graphs else {"cuda_graph_batch_sizes": []}
+    runs = {}
+    for on in (False, True):
+        pdl_switch["enabled"] = on
+        runs[on] = _greedy_logprobs(LLMEngine(engine, device="cuda", dtype="bfloat16", show_progress=False, **kw),
+                                    prompts)
+    assert runs[True] == runs[False]
+
+
+def test_pdl_chain_at_7b_widths(pdl_switch):
+    """A decode layer's small-op/GEMV chain at Llama-2-7B widths, replayed from a CUDA graph with PDL, equals
+    the serial launches bit for bit: the wide grids give a racing read the time to see stale data."""
+    from llmc.plugins import triton_kernels as tk
+
+    torch.manual_seed(0)
+    dev, dt = "cuda", torch.bfloat16
+    h, inter = 4096, 11008
+    w_up = torch.randn(2 * inter, h, device=dev, dtype=dt) * 0.02
+    w_down = torch.randn(h, inter, device=dev, dtype=dt) * 0.02
+    g = torch.rand(h, device=dev, dtype=dt) + 0.5
+    x0 = torch.randn(1, h, device=dev, dtype=dt)
+
+    def chain(x):
+        res = torch.zeros_like(x)
+        for _ in range(6):
+            y, res = tk.fused_add_rms_norm(x, res, g, 1e-5)
+            x = tk.linear(tk.silu_and_mul(tk.linear(y, w_up)), w_down)
+        return x, res
+
+    pdl_switch["enabled"] = False
+    want = chain(x0)
+    pdl_switch["enabled"] = True
+    chain(x0)  # compile the PDL variants outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain(x0)
+    for _ in range(20):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

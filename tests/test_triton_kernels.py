@@ -416,3 +416,20 @@ def test_small_ops_large_gpu():
         m.write_kv(kr, v, *unfused[:2], slots, *unfused[2:])
         assert torch.equal(qf, qu)
         assert all(torch.equal(as_bytes(a), as_bytes(b)) for a, b in zip(fused, unfused) if a is not None)
+
+
+def test_every_kernel_waits_for_the_previous_one_under_pdl():
+    """Kernels launch with programmatic dependent launch on Hopper (``triton_compat.pdl_args``), so each may
+    start before its predecessor ends: every one must take the ``PDL`` switch and call ``pdl_wait`` before
+    its first read of an earlier kernel's output. A new kernel that forgets would race."""
+    import inspect
+
+    from llmc.plugins import gemv
+    from llmc.plugins import quant_gemm as qg
+
+    kernels = {f"{m.__name__}.{name}": getattr(obj, "fn", obj) for m in (tk, qg, gemv)
+               for name, obj in vars(m).items() if name.endswith("_kernel") and hasattr(obj, "fn")}
+    assert len(kernels) >= 14
+    for name, fn in kernels.items():
+        src = inspect.getsource(fn)
+        assert "PDL: tl.constexpr" in src and "pdl_wait(PDL)" in src, name

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmc.plugins.triton_compat import INTERPRET as _INTERPRET
+from llmc.plugins.triton_compat import INTERPRET as _INTERPRET, pdl_args, pdl_wait
 
 TACTICS: dict[str, Any] = {
     # 16-bit / fp32 weights. H200 sweep at one row over Llama-2-7B's four projections (quant_gemm_bench.py
@@ -32,6 +32,7 @@ TACTICS: dict[str, Any] = {
     "num_warps": 4,
     "evict_first": 1,   # weights are read once per step: keep L2 for the activations
     "x_vector": 0,      # activations loaded once per tile and broadcast over its rows (_row_product)
+    "prefetch": 1,      # under PDL, load the first weight tile before waiting for the previous kernel
     # 8-bit (int8 / fp8) weights: the CUDA cores convert every byte, so fewer, wider programs. H200, fp8 at
     # one row: 4 x 256 x 8 warps 81.7 us, the MMA decode tiling 85.7 us (80.8 tuned), 2 rows 2x slower.
     "q8_max_m": 1,
@@ -43,7 +44,8 @@ TACTICS: dict[str, Any] = {
     # row: 103.9 us against the MMA tiling's 84.8 us, so off unless the tuner finds otherwise.
     "w8a8_gemv": 0,
     # Per weight shape "NxK", what the build-time tuner chose at one row (PER_SHAPE_KEYS: "use" 0|1, "block_n",
-    # "block_k", "num_warps", "x_vector"); missing entries fall back to the keys above. On the H200 the best differs by shape (bf16:
+    # "block_k", "num_warps", "x_vector"); missing entries fall back to the keys above. On the
+    # H200 the best differs by shape (bf16:
     # cuBLAS for QKV, the GEMV for O and down; fp8: the MMA tiling for QKV and gate/up), as TensorRT picks
     # a tactic per layer.
     "per_shape": {},
@@ -80,15 +82,40 @@ def _row_product(x_ptr, stride_xm, row: tl.constexpr, M, x_offs, offs_k, w, mask
     return _to_f32(x) * w
 
 
+@triton.jit
+def _tile_products(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, x_offs, offs_k, w, mask, k_mask,
+                   X_VECTOR: tl.constexpr, BLOCK_M: tl.constexpr, TAIL: tl.constexpr):
+    """Each row's products with one weight tile added to its accumulator; ``TAIL`` zeroes the lanes past K
+    with ``where`` (a masked load has no defined value, and fp8 has no literal zero for ``other``)."""
+    p = _row_product(x_ptr, stride_xm, 0, M, x_offs, offs_k, w, mask, k_mask, X_VECTOR)
+    acc0 += tl.where(mask, p, 0.0) if TAIL else p
+    if BLOCK_M > 1:
+        p = _row_product(x_ptr, stride_xm, 1, M, x_offs, offs_k, w, mask, k_mask, X_VECTOR)
+        acc1 += tl.where(mask, p, 0.0) if TAIL else p
+    if BLOCK_M > 2:
+        p = _row_product(x_ptr, stride_xm, 2, M, x_offs, offs_k, w, mask, k_mask, X_VECTOR)
+        acc2 += tl.where(mask, p, 0.0) if TAIL else p
+        p = _row_product(x_ptr, stride_xm, 3, M, x_offs, offs_k, w, mask, k_mask, X_VECTOR)
+        acc3 += tl.where(mask, p, 0.0) if TAIL else p
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _weight_tile(w_ptr, w_offs, mask, EVICT_FIRST: tl.constexpr):
+    if EVICT_FIRST:
+        return tl.load(w_ptr + w_offs, mask=mask, eviction_policy="evict_first")
+    return tl.load(w_ptr + w_offs, mask=mask)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                  X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
                  EVICT_FIRST: tl.constexpr, X_VECTOR: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
     """``BLOCK_N`` output channels for all ``M`` (<= ``BLOCK_M`` <= 4) rows: every weight byte is read once,
     one element-wise accumulator per row. Whole K tiles run unmasked; the ragged tail (K % BLOCK_K, e.g.
-    Llama's 11,008) is masked and zeroed with ``where`` (a masked load has no defined value, and fp8 has no
-    literal zero for ``other``)."""
+    Llama's 11,008) is masked. ``PREFETCH`` (PDL, K >= BLOCK_K): the first weight tile is loaded before
+    waiting for the previous kernel (weights never change), so the stream starts under its tail."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -101,33 +128,23 @@ def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, K, stride_x
     acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc3 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     k_full = K - K % BLOCK_K
-    for k0 in range(0, k_full, BLOCK_K):
-        if EVICT_FIRST:
-            w = tl.load(w_ptr + k0 + w_offs, mask=full, eviction_policy="evict_first")
-        else:
-            w = tl.load(w_ptr + k0 + w_offs, mask=full)
-        w = _to_f32(w)
-        acc0 += _row_product(x_ptr + k0, stride_xm, 0, M, x_offs, offs_k, w, full, k_all, X_VECTOR)
-        if BLOCK_M > 1:
-            acc1 += _row_product(x_ptr + k0, stride_xm, 1, M, x_offs, offs_k, w, full, k_all, X_VECTOR)
-        if BLOCK_M > 2:
-            acc2 += _row_product(x_ptr + k0, stride_xm, 2, M, x_offs, offs_k, w, full, k_all, X_VECTOR)
-            acc3 += _row_product(x_ptr + k0, stride_xm, 3, M, x_offs, offs_k, w, full, k_all, X_VECTOR)
+    if PREFETCH:
+        w = _to_f32(_weight_tile(w_ptr, w_offs, full, EVICT_FIRST))
+        pdl_wait(PDL)
+        acc0, acc1, acc2, acc3 = _tile_products(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, x_offs, offs_k, w,
+                                                full, k_all, X_VECTOR, BLOCK_M, False)
+    else:
+        pdl_wait(PDL)
+    for k0 in range(BLOCK_K if PREFETCH else 0, k_full, BLOCK_K):
+        w = _to_f32(_weight_tile(w_ptr + k0, w_offs, full, EVICT_FIRST))
+        acc0, acc1, acc2, acc3 = _tile_products(acc0, acc1, acc2, acc3, x_ptr + k0, stride_xm, M, x_offs, offs_k, w,
+                                                full, k_all, X_VECTOR, BLOCK_M, False)
     if k_full < K:
         k_tail = (k_full + offs_k) < K
         tail = n_mask[:, None] & k_tail[None, :]
-        xt = x_ptr + k_full
         w = _to_f32(tl.load(w_ptr + k_full + w_offs, mask=tail))
-        acc0 += tl.where(tail, _row_product(xt, stride_xm, 0, M, x_offs, offs_k, w, tail, k_tail, X_VECTOR),
-                         0.0)
-        if BLOCK_M > 1:
-            acc1 += tl.where(tail, _row_product(xt, stride_xm, 1, M, x_offs, offs_k, w, tail, k_tail, X_VECTOR),
-                             0.0)
-        if BLOCK_M > 2:
-            acc2 += tl.where(tail, _row_product(xt, stride_xm, 2, M, x_offs, offs_k, w, tail, k_tail, X_VECTOR),
-                             0.0)
-            acc3 += tl.where(tail, _row_product(xt, stride_xm, 3, M, x_offs, offs_k, w, tail, k_tail, X_VECTOR),
-                             0.0)
+        acc0, acc1, acc2, acc3 = _tile_products(acc0, acc1, acc2, acc3, x_ptr + k_full, stride_xm, M, x_offs,
+                                                offs_k, w, tail, k_tail, X_VECTOR, BLOCK_M, True)
     ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0) if W_SCALED else None
     bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) if HAS_BIAS else None
     _store_row(tl.sum(acc0, axis=1), 0, M, xs_ptr, ws, bias, out_ptr, stride_om, offs_n, n_mask,
@@ -156,7 +173,8 @@ def _store_row(y, row: tl.constexpr, M, xs_ptr, ws, bias, out_ptr, stride_om, of
 
 
 MAX_ROWS = 4  # the kernel keeps one accumulator per row, up to this many
-PER_SHAPE_KEYS = ("use", "block_n", "block_k", "num_warps", "x_vector")  # what TACTICS["per_shape"] may set per shape
+# what TACTICS["per_shape"] may set per shape
+PER_SHAPE_KEYS = ("use", "block_n", "block_k", "num_warps", "x_vector")
 
 
 def shape_key(n: int, k: int) -> str:
@@ -206,10 +224,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     bn = t["block_n"]
     bk = max(64, t["block_k"] // bm)  # bm accumulators of bn x bk: keep them in registers
     dummy = weight
+    pdl = pdl_args(x)
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, x_scale if x_scale is not None else dummy, weight, w_scale if w_scale is not None else dummy,
         bias if bias is not None else dummy, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         X_SCALED=x_scale is not None, W_SCALED=w_scale is not None, HAS_BIAS=bias is not None,
         EVICT_FIRST=bool(TACTICS["evict_first"]) and not _INTERPRET, X_VECTOR=bool(t["x_vector"]), BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=t["num_warps"])
+        BLOCK_N=bn, BLOCK_K=bk, PREFETCH=pdl["PDL"] and bool(TACTICS["prefetch"]) and k >= bk,
+        num_warps=t["num_warps"],
+        **pdl)
     return out

@@ -38,7 +38,7 @@ from llmc.plugins import gemv
 from llmc.plugins.gemv import small_int_to_f32
 from llmc.plugins.act_quant import (QUANTIZED_INPUT_METHODS, QuantizedRows, check_quantized_input, empty_rows,
                                     quantize_rows)
-from llmc.plugins.triton_compat import INTERPRET as _INTERPRET
+from llmc.plugins.triton_compat import INTERPRET as _INTERPRET, pdl_args, pdl_wait
 
 TACTICS: dict[str, Any] = {
     "gemv_max_m": 2,            # int4 rows up to this run one CUDA-core GEMV per row
@@ -119,8 +119,9 @@ def act_values(v, out_ty, IS_FP8: tl.constexpr, ROUND_FP8: tl.constexpr):
 
 @triton.jit
 def _act_quant_kernel(x_ptr, isc_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
-                      IS_FP8: tl.constexpr, HAS_ISC: tl.constexpr, BLOCK: tl.constexpr):
+                      IS_FP8: tl.constexpr, HAS_ISC: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One row: ``s = absmax(x / isc) / QMAX``, ``q = quantize(x / isc / s)`` as in ``quant_linear``."""
+    pdl_wait(PDL)
     row = tl.program_id(0)
     amax = tl.zeros((BLOCK,), tl.float32)
     for k0 in range(0, K, BLOCK):
@@ -211,11 +212,12 @@ def _qgemm_kernel(x_ptr, xs_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, p
                   W_INT4: tl.constexpr, GROUP: tl.constexpr, X_QUANT: tl.constexpr, HAS_ISC: tl.constexpr,
                   HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, NATIVE_DOT: tl.constexpr,
                   SWAP: tl.constexpr, FUSE_ACT: tl.constexpr, ACT_FP8: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """``FUSE_ACT``: ``x`` is the float input and each program quantizes its rows itself (a first pass for
     the per-token absmax, then quantize-on-load), saving the activation-quantization launch per linear.
     ``SWAP`` computes ``out^T = W x^T``: the weight tile is the MMA's wide left operand (it can stay in
     registers on Hopper) and the few activation rows its narrow right one; the accumulator is [N, M]."""
+    pdl_wait(PDL)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -411,13 +413,14 @@ def _int4_gemv_tile(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, row, k0, K, stride_xm, 
 def _int4_gemv_kernel(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, M, N, K, k_per_split,
                       stride_xm, stride_wn, stride_sg, stride_om, GROUP: tl.constexpr, HAS_ISC: tl.constexpr,
                       HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+                      BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """One activation row against ``BLOCK_N`` int4 rows on the CUDA cores (no MMA padding to 16 rows).
     A K tile spans ``BLOCK_K // GROUP`` whole groups; per group ``sum (q - z) x = sum q x - z sum x``.
     ``WORDS``: read the packed weight as int32 words of 8 nibbles (k = 8 * word + nibble), the inputs as one
     vector split in registers (2) or eight strided loads (1); 0: as bytes.
     A split runs its whole tiles unmasked, then at most one ragged tile (K % BLOCK_K); the last split may
     hold fewer tiles than the others, or none."""
+    pdl_wait(PDL)
     row, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -441,7 +444,8 @@ def _int4_gemv_kernel(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_
 
 @triton.jit(do_not_specialize=["M"])
 def _splitk_reduce_kernel(part_ptr, b_ptr, out_ptr, M, N, stride_om, SPLIT: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -471,14 +475,15 @@ def quantize_activations(x: torch.Tensor, method: str, input_scale: torch.Tensor
     if m:
         _act_quant_kernel[(m,)](x, input_scale if input_scale is not None else s, q, s, k, x.stride(0), q.stride(0),
                                 IS_FP8=is_fp8, HAS_ISC=input_scale is not None,
-                                BLOCK=min(1024, triton.next_power_of_2(k)))
+                                BLOCK=min(1024, triton.next_power_of_2(k)), **pdl_args(x))
     return q, s
 
 
 @triton.jit
 def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, stride_wn, stride_sg, stride_on, GROUP: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """``out[n, k] = (q[n, k] - zero[k // G, n]) * scale[k // G, n]`` for one [BLOCK_N, BLOCK_K] tile."""
+    pdl_wait(PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     offs_j = tl.arange(0, BLOCK_K // 2)
@@ -509,7 +514,8 @@ def _dequant_linear(x, qweight, sg, zg, group, input_scale, bias):
     w = buf[: n * k].view(n, k)
     bk = min(group, 128)
     _int4_dequant_kernel[(triton.cdiv(n, 64), k // bk)](qweight, sg, zg, w, n, qweight.stride(0), sg.stride(0),
-                                                        w.stride(0), GROUP=group, BLOCK_N=64, BLOCK_K=bk)
+                                                        w.stride(0), GROUP=group, BLOCK_N=64, BLOCK_K=bk,
+                                                        **pdl_args(w))
     if input_scale is not None:
         x = (x.float() / input_scale).to(x.dtype)
     return torch.nn.functional.linear(x, w, bias)
@@ -529,7 +535,7 @@ def _reduce_splits(part, bias, out, split: int) -> None:
     blk = min(1024, triton.next_power_of_2(n))
     _splitk_reduce_kernel[(m, triton.cdiv(n, blk))](part, bias if bias is not None else part, out, m, n,
                                                     out.stride(0), SPLIT=split, HAS_BIAS=bias is not None,
-                                                    BLOCK=blk)
+                                                    BLOCK=blk, **pdl_args(out))
 
 
 def int4_gemv_tactics(n: int, k: int) -> dict[str, int]:
@@ -556,7 +562,7 @@ def _int4_gemv(x, qweight, sg, zg, group, input_scale, bias, out):
         part, m, n, k, per_split * bk, x.stride(0), w.stride(0), sg.stride(0), out.stride(0), GROUP=group,
         HAS_ISC=input_scale is not None, HAS_BIAS=bias is not None and split == 1, SPLIT=split, WORDS=words,
         BLOCK_N=bn, BLOCK_K=bk, num_warps=t["gemv_num_warps"],
-        num_stages=1 if _INTERPRET else TACTICS["gemv_num_stages"])
+        num_stages=1 if _INTERPRET else TACTICS["gemv_num_stages"], **pdl_args(x))
     if split > 1:
         _reduce_splits(part, bias, out, split)
     return out
@@ -656,7 +662,7 @@ def qgemm(x: torch.Tensor | QuantizedRows, method: str, qweight: torch.Tensor, s
         HAS_ISC=input_scale is not None and (fuse or not x_quant), HAS_BIAS=bias is not None and split == 1,
         SPLIT=split, IEEE=ieee, NATIVE_DOT=x_quant and not ieee and bool(TACTICS["native_dot"]), SWAP=swap,
         FUSE_ACT=fuse, ACT_FP8=method == "fp8", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-        num_stages=1 if _INTERPRET else stages)
+        num_stages=1 if _INTERPRET else stages, **pdl_args(x))
     if split > 1:
         _reduce_splits(part, bias, out, split)
     return out

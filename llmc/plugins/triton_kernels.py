@@ -39,7 +39,7 @@ from llmc.plugins import gemv
 from llmc.plugins.act_quant import QuantizedRows, empty_rows
 from llmc.plugins.kv_layout import KV_QMAX
 from llmc.plugins.metadata import AttentionMetadata
-from llmc.plugins.triton_compat import INTERPRET as _INTERPRET
+from llmc.plugins.triton_compat import INTERPRET as _INTERPRET, pdl_args, pdl_wait
 from llmc.plugins.ops import register
 from llmc.plugins.quant_gemm import act_scale, act_values, round_e4m3
 
@@ -135,7 +135,8 @@ def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr,
                      stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_vcd, stride_sb,
                      stride_ss, PAGE: tl.constexpr, H: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr,
                      D_PAD: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr,
-                     ROUND_FP8: tl.constexpr):
+                     ROUND_FP8: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     blk = slot // PAGE
@@ -189,7 +190,7 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride()[:4], stride_sb, stride_ss,
         PAGE=k_cache.shape[1], H=H, H_PAD=_pow2(H), D=D, D_PAD=_pow2(D),
         QUANT=quant, QMAX=qmax, IS_INT=is_int, ROUND_FP8=_INTERPRET and quant and not is_int,
-        num_warps=TACTICS["small_num_warps"])
+        num_warps=TACTICS["small_num_warps"], **pdl_args(k))
 
 
 # ============================================================================ decode attention
@@ -276,11 +277,12 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_pt
                    NUM_Q_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DECODE_ONLY: tl.constexpr,
                    SPLIT: tl.constexpr, USE_DOT: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
-                   V_DMAJOR: tl.constexpr):
+                   V_DMAJOR: tl.constexpr, PDL: tl.constexpr):
     """One (sequence, KV head, split): the query group of that KV head against one slice of the context.
     Scores live in the log2 domain (``qk_scale`` includes log2(e)) so the softmax uses exp2. ``QUANT``:
     K/V are fp8/int8 with per-(token, head) scales at ``ks_ptr``/``vs_ptr``; the dots run in fp16
     (``_dot_operand``), the V scales folded into the probabilities (``_fold_v_scales``)."""
+    pdl_wait(PDL)
     P_NORM: tl.constexpr = QUANT and not IEEE  # fp16 dots
     s = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -368,8 +370,9 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_pt
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(ws_m_ptr, ws_l_ptr, ws_acc_ptr, out_ptr, qsl_ptr, num_splits, stride_ot, stride_oh,
                          NUM_Q_HEADS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr,
-                         DECODE_ONLY: tl.constexpr):
+                         DECODE_ONLY: tl.constexpr, PDL: tl.constexpr):
     """Combine the splits of one (sequence, query head): rescale each partial by exp2(m_split - m_max)."""
+    pdl_wait(PDL)
     s = tl.program_id(0)
     h = tl.program_id(1)
     if DECODE_ONLY:
@@ -466,11 +469,11 @@ def paged_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride()[:4],
         meta.block_tables.stride(0), stride_sb, stride_ss, NUM_Q_HEADS=Hq, GROUP=group, GROUP_PAD=gpad, D=D,
         PAGE=page, BLOCK_N=block_n, DECODE_ONLY=decode_only, SPLIT=nsplit > 1, USE_DOT=use_dot, IEEE=ieee,
-        QUANT=quant, V_DMAJOR=_v_dmajor(v_cache), num_warps=warps, num_stages=stages)
+        QUANT=quant, V_DMAJOR=_v_dmajor(v_cache), num_warps=warps, num_stages=stages, **pdl_args(q))
     if nsplit > 1:
         _decode_merge_kernel[(S, Hq)](
             ws_m, ws_l, ws_acc, out, meta.query_start_loc, nsplit, out.stride(0), out.stride(1),
-            NUM_Q_HEADS=Hq, SPLITS_PAD=_splits_pad(nsplit), D=D, DECODE_ONLY=decode_only, num_warps=4)
+            NUM_Q_HEADS=Hq, SPLITS_PAD=_splits_pad(nsplit), D=D, DECODE_ONLY=decode_only, num_warps=4, **pdl_args(q))
 
 
 # ============================================================================ prefill / mixed attention
@@ -546,12 +549,13 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, bt_ptr, seqlen_ptr, qsl_ptr,
                     stride_sb, stride_ss,
                     GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, SEARCH_STEPS: tl.constexpr, SKIP_DECODE: tl.constexpr,
-                    IEEE: tl.constexpr, QUANT: tl.constexpr, V_DMAJOR: tl.constexpr):
+                    IEEE: tl.constexpr, QUANT: tl.constexpr, V_DMAJOR: tl.constexpr, PDL: tl.constexpr):
     """BLOCK_M query rows of one sequence x one query head, over that sequence's paged context.
 
     Sequence ``s`` owns tiles ``qsl[s] // BLOCK_M + s ...`` (at least ceil(q_len / BLOCK_M) of them, the
     surplus exits), so ``num_tiles = T // BLOCK_M + S`` bounds the grid from host ints. Tiles run in
     reverse so each sequence's heaviest (last) tiles start first."""
+    pdl_wait(PDL)
     tile = num_tiles - 1 - tl.program_id(0)
     h = tl.program_id(1)
     lo = tl.program_id(0) * 0  # int32 scalar; binary search for the last s with start(s) <= tile
@@ -619,7 +623,7 @@ def paged_prefill(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, ou
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride()[:4],
         meta.block_tables.stride(0), stride_sb, stride_ss, GROUP=Hq // k_cache.shape[2], D=D, PAGE=k_cache.shape[1],
         BLOCK_M=bm, BLOCK_N=bn, SEARCH_STEPS=_search_steps(S), SKIP_DECODE=skip_decode, IEEE=ieee, QUANT=quant,
-        V_DMAJOR=_v_dmajor(v_cache), num_warps=TACTICS["prefill_num_warps"], num_stages=stages)
+        V_DMAJOR=_v_dmajor(v_cache), num_warps=TACTICS["prefill_num_warps"], num_stages=stages, **pdl_args(q))
 
 
 @register("paged_attention")
@@ -649,9 +653,10 @@ def paged_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, isc_ptr, s_ptr, eps, stride_x, stride_r,
                      N: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr, QUANT: tl.constexpr,
-                     IS_FP8: tl.constexpr, HAS_ISC: tl.constexpr, ROUND_FP8: tl.constexpr):
+                     IS_FP8: tl.constexpr, HAS_ISC: tl.constexpr, ROUND_FP8: tl.constexpr, PDL: tl.constexpr):
     """``QUANT``: store the row quantized per token for an fp8/w8a8 linear (``out`` is 8-bit, ``s`` gets its
     scale), from the normalized row rounded to the input dtype, exactly what that linear would quantize."""
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -700,7 +705,7 @@ def _rms(x, residual, weight, eps, method=None, input_scale=None):
                                   input_scale if input_scale is not None else weight, s if s is not None else weight,
                                   eps, x2.stride(0), r2.stride(0), N=N, BLOCK=block, HAS_RES=residual is not None,
                                   QUANT=method is not None, **_quant_flags(method, input_scale),
-                                  num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16))
+                                  num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16), **pdl_args(x2))
     normed = QuantizedRows(q, s, x.dtype) if q is not None else out.view(x.shape)
     return normed, res_out.view(x.shape)
 
@@ -738,7 +743,8 @@ def fused_add_rms_norm_quant(x, residual, weight, eps: float, method: str, input
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, stride_x, I: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, I: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I
@@ -757,7 +763,7 @@ def silu_and_mul(x) -> torch.Tensor:
     block = min(1024, _pow2(I))
     if x2.shape[0]:
         _silu_mul_kernel[(x2.shape[0], triton.cdiv(I, block))](x2, out, x2.stride(0), I=I, BLOCK=block,
-                                                               num_warps=TACTICS["small_num_warps"])
+                                                               num_warps=TACTICS["small_num_warps"], **pdl_args(x2))
     return out.view(*x.shape[:-1], I)
 
 
@@ -773,9 +779,10 @@ def _silu_mul_rounded(x_ptr, isc_ptr, row, stride_x, offs, mask, I: tl.constexpr
 
 @triton.jit
 def _silu_mul_quant_kernel(x_ptr, isc_ptr, q_ptr, s_ptr, stride_x, I: tl.constexpr, BLOCK: tl.constexpr,
-                           IS_FP8: tl.constexpr, HAS_ISC: tl.constexpr, ROUND_FP8: tl.constexpr):
+                           IS_FP8: tl.constexpr, HAS_ISC: tl.constexpr, ROUND_FP8: tl.constexpr, PDL: tl.constexpr):
     """One row: SwiGLU rounded to the input dtype, its absmax, then the quantized row. ``BLOCK >= I``: the
     row stays in registers (one pass); else the SwiGLU is recomputed in a second pass (inputs in L2)."""
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     if BLOCK >= I:
         offs = tl.arange(0, BLOCK)
@@ -811,7 +818,8 @@ def silu_and_mul_quant(x, method: str, input_scale=None) -> QuantizedRows:
     if x2.shape[0]:
         _silu_mul_quant_kernel[(x2.shape[0],)](x2, input_scale if input_scale is not None else s, q, s, x2.stride(0),
                                                I=I, BLOCK=block, **_quant_flags(method, input_scale),
-                                               num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16))
+                                               num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16),
+                                               **pdl_args(x2))
     return QuantizedRows(q, s, x.dtype)
 
 
@@ -843,8 +851,9 @@ def _cos_sin(pos_ptr, cs_ptr, t, stride_cs, HALF: tl.constexpr):
 @triton.jit
 def _rope_kernel(pos_ptr, q_ptr, k_ptr, qo_ptr, ko_ptr, cs_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
                  stride_cs, HQ: tl.constexpr, HQ_PAD: tl.constexpr, HK: tl.constexpr, HK_PAD: tl.constexpr,
-                 HALF: tl.constexpr):
+                 HALF: tl.constexpr, PDL: tl.constexpr):
     """One token: rotate all its query and key heads with one read of its cos/sin row."""
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin(pos_ptr, cs_ptr, t, stride_cs, HALF)
     _rope_heads(q_ptr, qo_ptr, t, cos, sin, stride_qt, stride_qh, HQ, HQ_PAD, HALF)
@@ -864,7 +873,7 @@ def rotary_embedding(positions, q, k, cos_sin_cache):
     if T:
         _rope_kernel[(T,)](positions, q, k, qo, ko, cs, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                            cs.stride(0), HQ=Hq, HQ_PAD=_pow2(Hq), HK=Hk, HK_PAD=_pow2(Hk), HALF=D // 2,
-                           num_warps=TACTICS["small_num_warps"])
+                           num_warps=TACTICS["small_num_warps"], **pdl_args(q))
     return qo, ko
 
 
@@ -874,10 +883,11 @@ def _rope_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, 
                           stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_vcd,
                           stride_sb, stride_ss, HQ: tl.constexpr, HQ_PAD: tl.constexpr, HK: tl.constexpr,
                           HK_PAD: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr,
-                          QMAX: tl.constexpr, IS_INT: tl.constexpr, ROUND_FP8: tl.constexpr):
+                          QMAX: tl.constexpr, IS_INT: tl.constexpr, ROUND_FP8: tl.constexpr, PDL: tl.constexpr):
     """One token: rotate its query heads (stored to ``qo``), rotate its key heads and write them with its
     value heads straight into their cache slot (quantized per (token, head) for an fp8/int8 cache). The
     rotated key is rounded to the activation dtype first, as ``rotary_embedding`` then ``write_kv`` do."""
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin(pos_ptr, cs_ptr, t, stride_cs, HALF)
     _rope_heads(q_ptr, qo_ptr, t, cos, sin, stride_qt, stride_qh, HQ, HQ_PAD, HALF)
@@ -932,5 +942,5 @@ def rope_write_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapp
         k.stride(1), v.stride(0), v.stride(1), cs.stride(0), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), *v_cache.stride()[:4], stride_sb, stride_ss, HQ=Hq, HQ_PAD=_pow2(Hq), HK=Hk,
         HK_PAD=_pow2(Hk), HALF=D // 2, PAGE=k_cache.shape[1], QUANT=quant, QMAX=qmax, IS_INT=is_int,
-        ROUND_FP8=_INTERPRET and quant and not is_int, num_warps=TACTICS["small_num_warps"])
+        ROUND_FP8=_INTERPRET and quant and not is_int, num_warps=TACTICS["small_num_warps"], **pdl_args(q))
     return qo
