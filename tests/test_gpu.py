@@ -65,8 +65,9 @@ def _greedy_logprobs(eng, prompts, max_tokens=24):
 def pdl_switch():
     from llmc.plugins import triton_compat
 
+    saved = triton_compat.PDL["enabled"]
     yield triton_compat.PDL
-    triton_compat.PDL["enabled"] = True
+    triton_compat.PDL["enabled"] = saved
 
 
 @pytest.mark.parametrize("graphs", [False, True])

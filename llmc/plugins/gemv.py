@@ -44,10 +44,9 @@ TACTICS: dict[str, Any] = {
     # row: 103.9 us against the MMA tiling's 84.8 us, so off unless the tuner finds otherwise.
     "w8a8_gemv": 0,
     # Per weight shape "NxK", what the build-time tuner chose at one row (PER_SHAPE_KEYS: "use" 0|1, "block_n",
-    # "block_k", "num_warps", "x_vector"); missing entries fall back to the keys above. On the
-    # H200 the best differs by shape (bf16:
-    # cuBLAS for QKV, the GEMV for O and down; fp8: the MMA tiling for QKV and gate/up), as TensorRT picks
-    # a tactic per layer.
+    # "block_k", "num_warps", "x_vector"); missing entries fall back to the keys above. On the H200 the best
+    # differs by shape (bf16: cuBLAS for QKV, the GEMV for O and down; fp8: the MMA tiling for QKV and
+    # gate/up), as TensorRT picks a tactic per layer.
     "per_shape": {},
 }
 
@@ -231,6 +230,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         X_SCALED=x_scale is not None, W_SCALED=w_scale is not None, HAS_BIAS=bias is not None,
         EVICT_FIRST=bool(TACTICS["evict_first"]) and not _INTERPRET, X_VECTOR=bool(t["x_vector"]), BLOCK_M=bm,
         BLOCK_N=bn, BLOCK_K=bk, PREFETCH=pdl["PDL"] and bool(TACTICS["prefetch"]) and k >= bk,
-        num_warps=t["num_warps"],
-        **pdl)
+        num_warps=t["num_warps"], **pdl)
     return out
