@@ -119,6 +119,22 @@ def test_split_k_is_used_for_small_batches_and_agrees(monkeypatch):
     torch.testing.assert_close(split, layer(x), atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_uneven_split_k_agrees(method, monkeypatch):
+    """K = 11 tiles of 64 split in 4 (3 + 3 + 3 + 2 tiles): the short last split adds the rest of K."""
+    layer = make_layer(method, 704, 48, group=64, bias=True, seed=21)
+    x = torch.randn(3, 704, generator=torch.Generator().manual_seed(22))
+    monkeypatch.setitem(qg.TACTICS, "small_block_k", 64)
+    monkeypatch.setitem(qg.TACTICS, "small_target_programs", 1)
+    one = run_kernel(layer, x)
+    monkeypatch.setitem(qg.TACTICS, "small_target_programs", 4)
+    monkeypatch.setitem(qg.TACTICS, "small_max_split_k", 4)
+    assert qg._split_for(11, 1) == 4
+    split = run_kernel(layer, x)
+    torch.testing.assert_close(split, one, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(split, layer(x), atol=2e-4, rtol=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("method", METHODS)

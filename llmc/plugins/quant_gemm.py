@@ -56,6 +56,7 @@ TACTICS: dict[str, Any] = {
     "small_num_stages": 4,
     "small_target_programs": 264,  # ~2 per SM of an H100: split K until the grid reaches this
     "small_max_split_k": 8,
+    "uneven_split": 1,          # K may split into unequal whole-tile parts (0: equal power-of-two parts only)
     "large_block_m": 64,
     "large_block_n": 128,
     "large_block_k": 64,
@@ -240,7 +241,8 @@ def _qgemm_kernel(x_ptr, xs_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, p
             x_scale = tl.maximum(amax, 1e-12) / 448.0
         else:
             x_scale = tl.maximum(amax, 1e-8) / 127.0
-    for i in range(0, k_per_split, BLOCK_K):  # host-int bounds: each split owns whole tiles, no K masks
+    # each split owns whole tiles (no K masks); the last may own fewer (K need not divide evenly)
+    for i in range(0, tl.minimum(k_per_split, K - pid_k * k_per_split), BLOCK_K):
         k0 = pid_k * k_per_split + i
         offs_k = k0 + tl.arange(0, BLOCK_K)
         # masked rows/columns only reach outputs that are never stored (no ``other``: fp8 has no literal 0)
@@ -522,10 +524,12 @@ def _dequant_linear(x, qweight, sg, zg, group, input_scale, bias):
 
 
 def _split_for(tiles_k: int, programs: int) -> int:
-    """Split K into whole tiles (at least 2 per split) until ``programs * split`` fills the GPU."""
+    """Split K into whole tiles (at least 2 per split) until ``programs * split`` fills the GPU. The splits
+    need not be equal (the last takes the remainder): Llama-2-7B's down projection, 86 tiles of 128, could
+    only split in 2 while equal parts were required (Nsight Compute: 0.19 waves, 2.34 TB/s at one row)."""
     split = 1
     while (split * 2 <= TACTICS["small_max_split_k"] and programs * split < TACTICS["small_target_programs"]
-           and tiles_k % (split * 2) == 0 and tiles_k // (split * 2) >= 2):
+           and tiles_k // (split * 2) >= 2 and (TACTICS["uneven_split"] or tiles_k % (split * 2) == 0)):
         split *= 2
     return split
 
@@ -647,7 +651,8 @@ def qgemm(x: torch.Tensor | QuantizedRows, method: str, qweight: torch.Tensor, s
     grid_mn = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     tiles_k = k // bk
     split = _split_for(tiles_k, grid_mn) if small else 1
-    k_per_split = tiles_k // split * bk
+    k_per_split = triton.cdiv(tiles_k, split) * bk
+    split = triton.cdiv(tiles_k * bk, k_per_split)  # no empty split
     part = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
     # IEEE fp32 dots for fp32 inputs (tf32 would miss fp32 tolerances) and under the interpreter, which
     # multiplies bf16 dot operands as raw bits; else 16-bit tensor cores.
