@@ -52,6 +52,44 @@ def test_gemv_matches_linear(dtype, m, k, x_vector, monkeypatch):
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("k", [256, 200])
+@pytest.mark.parametrize("x_vector", [0, 1])
+@pytest.mark.parametrize("fused", ["norm", "residual", "both"])
+def test_gemv_fused_norm_and_residual(dtype, m, k, x_vector, fused, monkeypatch):
+    """The RMS norm summed inside the GEMV (the squares of every K tile, ragged tail included, per row) and
+    the residual added in its epilogue, against ``reference.linear``; rows of very different scales, so a
+    norm that mixed rows or missed a tile would show."""
+    from llmc.plugins import reference
+
+    monkeypatch.setitem(gemv.TACTICS, "block_k", 64 * triton_rows(m))
+    monkeypatch.setitem(gemv.TACTICS, "x_vector", x_vector)
+    n, eps = 37, 1e-5
+    x = (torch.randn(m, k, generator=_gen(m)) * torch.logspace(-1, 1, m)[:, None]).to(dtype)
+    w = (torch.randn(n, k, generator=_gen(k)) * 0.05).to(dtype)
+    b = torch.randn(n, generator=_gen(1)).to(dtype)
+    r = torch.randn(m, n, generator=_gen(2)).to(dtype)
+    norm_eps = eps if fused in ("norm", "both") else None
+    res = r if fused in ("residual", "both") else None
+    out = gemv.gemv(x.to(DEV), w.to(DEV), b.to(DEV), norm_eps=norm_eps,
+                    residual=None if res is None else res.to(DEV)).cpu()
+    ref = reference.linear(x.float(), w.float(), b.float(), norm_eps, None if res is None else res.float())
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    if norm_eps is not None:  # and it is a norm: scaling a row (eps aside) leaves its result unchanged
+        scaled = [gemv.gemv((x.float() * f).to(dtype).to(DEV), w.to(DEV), norm_eps=1e-12).cpu() for f in (1, 8)]
+        torch.testing.assert_close(scaled[1].float(), scaled[0].float(), atol=tol, rtol=tol)
+
+
+def test_gemv_fused_norm_rejects_quantized_rows_and_bad_residual():
+    x, w = torch.randn(1, 64, device=DEV), torch.randn(8, 64, device=DEV)
+    with pytest.raises(ValueError, match="quantized"):
+        gemv.gemv(x, w, x_scale=torch.ones(1, device=DEV), norm_eps=1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        gemv.gemv(x, w, residual=torch.randn(1, 9, device=DEV))
+
+
 def test_gemv_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="columns"):
         gemv.gemv(torch.randn(1, 64, device=DEV), torch.randn(8, 32, device=DEV))

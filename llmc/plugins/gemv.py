@@ -100,6 +100,24 @@ def _tile_products(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, x_offs, offs_k, 
 
 
 @triton.jit
+def _row_squares(sq0, sq1, sq2, sq3, x_ptr, stride_xm, M, offs_k, k_mask, BLOCK_M: tl.constexpr):
+    """Each row's squared activations of one K tile added to a [BLOCK_K] vector: the rows' mean squares for a
+    fused RMS norm, from one vector load per row (L1-resident: the products read the same bytes); a few
+    registers where summing the tile-shaped activations would take one more accumulator per row."""
+    x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+    sq0 += x * x
+    if BLOCK_M > 1:
+        x = tl.load(x_ptr + stride_xm + offs_k, mask=k_mask & (1 < M), other=0.0).to(tl.float32)
+        sq1 += x * x
+    if BLOCK_M > 2:
+        x = tl.load(x_ptr + 2 * stride_xm + offs_k, mask=k_mask & (2 < M), other=0.0).to(tl.float32)
+        sq2 += x * x
+        x = tl.load(x_ptr + 3 * stride_xm + offs_k, mask=k_mask & (3 < M), other=0.0).to(tl.float32)
+        sq3 += x * x
+    return sq0, sq1, sq2, sq3
+
+
+@triton.jit
 def _weight_tile(w_ptr, w_offs, mask, EVICT_FIRST: tl.constexpr):
     if EVICT_FIRST:
         return tl.load(w_ptr + w_offs, mask=mask, eviction_policy="evict_first")
@@ -107,14 +125,18 @@ def _weight_tile(w_ptr, w_offs, mask, EVICT_FIRST: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                 X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 EVICT_FIRST: tl.constexpr, X_VECTOR: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_rm,
+                 stride_om, eps, X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 NORM: tl.constexpr, RESIDUAL: tl.constexpr, EVICT_FIRST: tl.constexpr, X_VECTOR: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+                 PDL: tl.constexpr):
     """``BLOCK_N`` output channels for all ``M`` (<= ``BLOCK_M`` <= 4) rows: every weight byte is read once,
     one element-wise accumulator per row. Whole K tiles run unmasked; the ragged tail (K % BLOCK_K, e.g.
     Llama's 11,008) is masked. ``PREFETCH`` (PDL, K >= BLOCK_K): the first weight tile is loaded before
-    waiting for the previous kernel (weights never change), so the stream starts under its tail."""
+    waiting for the previous kernel (weights never change), so the stream starts under its tail.
+    ``NORM``: the rows are RMS-normalized (weight folded into W) by scaling each row's result by its
+    ``rsqrt(mean(x^2) + eps)`` (``_row_squares``), so the norm costs no launch of its own.
+    ``RESIDUAL``: ``r [M, N]`` is added to the result (the residual stream, no separate add)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -126,48 +148,66 @@ def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, M, N, K, stride_x
     acc1 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     acc3 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    sq0 = tl.zeros((BLOCK_K,), tl.float32)
+    sq1 = tl.zeros((BLOCK_K,), tl.float32)
+    sq2 = tl.zeros((BLOCK_K,), tl.float32)
+    sq3 = tl.zeros((BLOCK_K,), tl.float32)
     k_full = K - K % BLOCK_K
     if PREFETCH:
         w = _to_f32(_weight_tile(w_ptr, w_offs, full, EVICT_FIRST))
         pdl_wait(PDL)
         acc0, acc1, acc2, acc3 = _tile_products(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, x_offs, offs_k, w,
                                                 full, k_all, X_VECTOR, BLOCK_M, False)
+        if NORM:
+            sq0, sq1, sq2, sq3 = _row_squares(sq0, sq1, sq2, sq3, x_ptr, stride_xm, M, offs_k, k_all, BLOCK_M)
     else:
         pdl_wait(PDL)
     for k0 in range(BLOCK_K if PREFETCH else 0, k_full, BLOCK_K):
         w = _to_f32(_weight_tile(w_ptr + k0, w_offs, full, EVICT_FIRST))
         acc0, acc1, acc2, acc3 = _tile_products(acc0, acc1, acc2, acc3, x_ptr + k0, stride_xm, M, x_offs, offs_k, w,
                                                 full, k_all, X_VECTOR, BLOCK_M, False)
+        if NORM:
+            sq0, sq1, sq2, sq3 = _row_squares(sq0, sq1, sq2, sq3, x_ptr + k0, stride_xm, M, offs_k, k_all, BLOCK_M)
     if k_full < K:
         k_tail = (k_full + offs_k) < K
         tail = n_mask[:, None] & k_tail[None, :]
         w = _to_f32(tl.load(w_ptr + k_full + w_offs, mask=tail))
         acc0, acc1, acc2, acc3 = _tile_products(acc0, acc1, acc2, acc3, x_ptr + k_full, stride_xm, M, x_offs,
                                                 offs_k, w, tail, k_tail, X_VECTOR, BLOCK_M, True)
+        if NORM:
+            sq0, sq1, sq2, sq3 = _row_squares(sq0, sq1, sq2, sq3, x_ptr + k_full, stride_xm, M, offs_k, k_tail,
+                                              BLOCK_M)
     ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0) if W_SCALED else None
     bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) if HAS_BIAS else None
-    _store_row(tl.sum(acc0, axis=1), 0, M, xs_ptr, ws, bias, out_ptr, stride_om, offs_n, n_mask,
-               X_SCALED, W_SCALED, HAS_BIAS)
+    _store_row(acc0, sq0, 0, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om, offs_n, n_mask,
+               X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL)
     if BLOCK_M > 1:
-        _store_row(tl.sum(acc1, axis=1), 1, M, xs_ptr, ws, bias, out_ptr, stride_om, offs_n, n_mask,
-                   X_SCALED, W_SCALED, HAS_BIAS)
+        _store_row(acc1, sq1, 1, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om, offs_n,
+                   n_mask, X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL)
     if BLOCK_M > 2:
-        _store_row(tl.sum(acc2, axis=1), 2, M, xs_ptr, ws, bias, out_ptr, stride_om, offs_n, n_mask,
-                   X_SCALED, W_SCALED, HAS_BIAS)
-        _store_row(tl.sum(acc3, axis=1), 3, M, xs_ptr, ws, bias, out_ptr, stride_om, offs_n, n_mask,
-                   X_SCALED, W_SCALED, HAS_BIAS)
+        _store_row(acc2, sq2, 2, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om, offs_n,
+                   n_mask, X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL)
+        _store_row(acc3, sq3, 3, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om, offs_n,
+                   n_mask, X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL)
 
 
 @triton.jit
-def _store_row(y, row: tl.constexpr, M, xs_ptr, ws, bias, out_ptr, stride_om, offs_n, n_mask,
-               X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Epilogue of one row: channel scale, token scale, bias, cast, store (rows past ``M`` are skipped)."""
+def _store_row(acc, sq, row: tl.constexpr, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om,
+               offs_n, n_mask, X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+               NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+    """Epilogue of one row: channel scale, token scale, RMS scale, bias, residual, cast, store (rows past ``M``
+    are skipped)."""
+    y = tl.sum(acc, axis=1)
     if W_SCALED:
         y = y * ws
     if X_SCALED:
         y = y * tl.load(xs_ptr + row, mask=row < M, other=0.0)
+    if NORM:
+        y = y * tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
     if HAS_BIAS:
         y += bias
+    if RESIDUAL:
+        y += tl.load(r_ptr + row * stride_rm + offs_n, mask=n_mask & (row < M), other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask & (row < M))
 
 
@@ -202,17 +242,27 @@ def applies(rows: int, weight_bytes: int = 2, n: int = 0, k: int = 0) -> bool:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
-         out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``(x * x_scale[:, None]) @ (weight * w_scale[:, None])^T + bias`` for ``x [M, K]``, ``weight [N, K]``.
+         out_dtype: torch.dtype | None = None, norm_eps: float | None = None,
+         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``(x * x_scale[:, None]) @ (weight * w_scale[:, None])^T + bias (+ residual)`` for ``x [M, K]``,
+    ``weight [N, K]``.
 
     ``x_scale [M]`` / ``w_scale [N]`` (fp32) are given for quantized rows / 8-bit weights; ``out_dtype``
-    defaults to ``x``'s dtype (pass the rows' float dtype for quantized ``x``)."""
+    defaults to ``x``'s dtype (pass the rows' float dtype for quantized ``x``). ``norm_eps``: the rows are
+    RMS-normalized first, without a norm weight (fold it into ``weight``: ``reference.norm_linear``);
+    ``residual [M, N]``: added to the result (``reference.linear_residual``)."""
     m, k = x.shape
     n = weight.shape[0]
     if weight.shape[1] != k:
         raise ValueError(f"GEMV: x has {k} columns but the weight {tuple(weight.shape)} expects {weight.shape[1]}")
+    if norm_eps is not None and x_scale is not None:
+        raise ValueError("GEMV: a fused RMS norm needs float rows, not quantized ones (x_scale)")
+    if residual is not None and tuple(residual.shape) != (m, n):
+        raise ValueError(f"GEMV: residual {tuple(residual.shape)} does not match the output ({m}, {n})")
     x = x if x.stride(-1) == 1 else x.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    if residual is not None and residual.stride(-1) != 1:
+        residual = residual.contiguous()
     out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return out
@@ -226,8 +276,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     pdl = pdl_args(x)
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, x_scale if x_scale is not None else dummy, weight, w_scale if w_scale is not None else dummy,
-        bias if bias is not None else dummy, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        X_SCALED=x_scale is not None, W_SCALED=w_scale is not None, HAS_BIAS=bias is not None,
+        bias if bias is not None else dummy, residual if residual is not None else dummy, out, m, n, k,
+        x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+        float(norm_eps or 0.0), X_SCALED=x_scale is not None, W_SCALED=w_scale is not None,
+        HAS_BIAS=bias is not None, NORM=norm_eps is not None, RESIDUAL=residual is not None,
         EVICT_FIRST=bool(TACTICS["evict_first"]) and not _INTERPRET, X_VECTOR=bool(t["x_vector"]), BLOCK_M=bm,
         BLOCK_N=bn, BLOCK_K=bk, PREFETCH=pdl["PDL"] and bool(TACTICS["prefetch"]) and k >= bk,
         num_warps=t["num_warps"], **pdl)

@@ -86,6 +86,22 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, norm_eps: float | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight^T + bias``. ``norm_eps``: ``x``'s rows are RMS-normalized first, without a norm weight (the
+    model folds it into ``weight``); ``residual``: added to the result. With either, computed in fp32 and
+    rounded once, as the fused GEMV does."""
+    if norm_eps is None and residual is None:
+        return F.linear(x, weight, bias)
+    xf = x.float()
+    if norm_eps is not None:
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm_eps)
+    y = F.linear(xf, weight.float(), None if bias is None else bias.float())
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
