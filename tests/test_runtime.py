@@ -240,3 +240,32 @@ def test_random_arrivals_and_aborts_property(tiny_engine_dir, ops):
             assert len(c.token_ids) == r.params.max_tokens
         assert out.outputs[0].token_ids == run_all(eng, [prompt], SamplingParams(
             temperature=0, max_tokens=r.params.max_tokens, ignore_eos=True))[0]
+
+
+def test_folding_norms_into_projections_keeps_logits(tiny_engine_dir):
+    """The CUDA runner folds each RMSNorm weight into its 16-bit projection (W' = W diag(g)) so the norm can
+    run inside the batch-1 GEMV; in fp32 that must leave logits unchanged, with norm weights far from 1."""
+    from llmc.runtime.model_runner import ScheduledSeq
+    from llmc.runtime.sequence import Sequence
+
+    eng = LLMEngine(tiny_engine_dir, show_progress=False, enable_prefix_caching=False)
+    model = eng.runner.model
+    gen = torch.Generator().manual_seed(0)
+    for layer in model.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.weight.copy_(0.25 + 2 * torch.rand(norm.weight.shape, generator=gen))
+
+    def logits(ids):
+        seq = Sequence("x", ids, SamplingParams())
+        assert eng.kv.allocate_slots(seq, len(ids))
+        out = eng.runner.forward([ScheduledSeq(seq, len(ids), True)], logit_rows=list(range(len(ids)))).clone()
+        eng.kv.free(seq)
+        return out
+
+    ids = rand_prompts(1, seed=7, lo=20, hi=20)[0]
+    before = logits(ids)
+    assert model.fold_norms() == 2 * len(model.layers)
+    assert model.fold_norms() == 0  # idempotent: a second fold would square g
+    assert all(float(layer.input_layernorm.weight.sub(1).abs().max()) == 0 for layer in model.layers)
+    torch.testing.assert_close(logits(ids), before, rtol=1e-4, atol=1e-4)
+    assert eng.kv.num_used_blocks == 0

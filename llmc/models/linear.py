@@ -23,8 +23,10 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, norm_eps: float | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``norm_eps`` / ``residual``: see ``ops.linear`` (an RMS norm without weight before, a residual after)."""
+        return ops.linear(x, self.weight, self.bias, norm_eps, residual)
 
 
 def make_linear(in_features: int, out_features: int, bias: bool, quant: QuantConfig | None,

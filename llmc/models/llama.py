@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from llmc.config import ModelConfig, QuantConfig
-from llmc.models.linear import make_linear
+from llmc.models.linear import Linear, make_linear
 from llmc.models.rope import cos_sin_cache
 from llmc.plugins import ops
 from llmc.plugins.act_quant import QuantizedRows
@@ -79,15 +79,18 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor | QuantizedRows, positions: torch.Tensor, cos_sin: torch.Tensor,
                 kv: KVCache, meta: AttentionMetadata) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+        out = self.o_proj(self.attend(self.qkv_proj(x), positions, cos_sin, kv, meta))
+        return out if self.tp is None else self.tp.all_reduce(out)
+
+    def attend(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, kv: KVCache,
+               meta: AttentionMetadata) -> torch.Tensor:
+        """RoPE, K/V into the cache, attention: the o_proj input ``[T, q_size]`` from the fused QKV rows."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         q = ops.rope_write_kv(positions, q, k, v, cos_sin, kv.k, kv.v, meta.slot_mapping, kv.k_scale, kv.v_scale)
-        o = ops.paged_attention(q, kv.k, kv.v, meta, self.scale, kv.k_scale, kv.v_scale)
-        out = self.o_proj(o.reshape(-1, self.q_size))
-        return out if self.tp is None else self.tp.all_reduce(out)
+        return ops.paged_attention(q, kv.k, kv.v, meta, self.scale, kv.k_scale, kv.v_scale).reshape(-1, self.q_size)
 
 
 class MLP(nn.Module):
@@ -99,10 +102,13 @@ class MLP(nn.Module):
         self.down_proj = make_linear(inter, cfg.hidden_size, cfg.mlp_bias, quant, dtype)
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        quant = _producer_quant(self.down_proj)
-        out = self.down_proj(ops.silu_and_mul_quant(gate_up, *quant) if quant else ops.silu_and_mul(gate_up))
+        out = self.down_proj(self.act(self.gate_up_proj(x)))
         return out if self.tp is None else self.tp.all_reduce(out)
+
+    def act(self, gate_up: torch.Tensor) -> torch.Tensor | QuantizedRows:
+        """SwiGLU: the down_proj input (per-token quantized where that linear reads such rows)."""
+        quant = _producer_quant(self.down_proj)
+        return ops.silu_and_mul_quant(gate_up, *quant) if quant else ops.silu_and_mul(gate_up)
 
 
 class DecoderLayer(nn.Module):
@@ -114,14 +120,36 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, quant, dtype, tp)
 
     def forward(self, x, residual, positions, cos_sin, kv, meta):
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x, consumer=self.self_attn.qkv_proj)
-        else:
-            x, residual = self.input_layernorm(x, residual, consumer=self.self_attn.qkv_proj)
-        x = self.self_attn(x, positions, cos_sin, kv, meta)
-        x, residual = self.post_attention_layernorm(x, residual, consumer=self.mlp.gate_up_proj)
-        return self.mlp(x), residual
+        """``(x, residual)`` in and out: the stream is ``x + residual``; ``residual is None`` means ``x`` is the
+        whole stream (the embeddings, or a down GEMV already added it)."""
+        a = self.self_attn
+        qkv, residual = _normed_projection(self.input_layernorm, a.qkv_proj, x, residual)
+        x, residual = _residual_projection(a.o_proj, a.attend(qkv, positions, cos_sin, kv, meta), residual, a.tp)
+        gate_up, residual = _normed_projection(self.post_attention_layernorm, self.mlp.gate_up_proj, x, residual)
+        return _residual_projection(self.mlp.down_proj, self.mlp.act(gate_up), residual, self.mlp.tp)
+
+
+def _normed_projection(norm: RMSNorm, linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None):
+    """``(linear(norm(x + residual)), x + residual)``. Where ``norm``'s weight was folded into ``linear``
+    (``fold_norms``) and ``linear`` runs as the GEMV, the norm runs inside it; otherwise it is its own kernel
+    (fused with the add and, for fp8/w8a8 linears, with quantizing the rows)."""
+    if getattr(linear, "norm_folded", False) and ops.FUSIONS["norm_gemv"] and ops.linear_fuses(x, linear.weight):
+        h = x if residual is None else x + residual
+        return linear(h, norm_eps=norm.eps), h
+    if residual is None:
+        return linear(norm(x, consumer=linear)), x
+    normed, h = norm(x, residual, consumer=linear)
+    return linear(normed), h
+
+
+def _residual_projection(linear: nn.Module, x, residual: torch.Tensor, tp: TP | None):
+    """``(out, residual)`` of a projection into the stream: a 16-bit GEMV adds ``residual`` itself (the stream
+    comes back whole, residual ``None``); otherwise the next norm adds it (after the TP all-reduce)."""
+    if (tp is None and type(linear) is Linear and ops.FUSIONS["norm_gemv"] and isinstance(x, torch.Tensor)
+            and ops.linear_fuses(x, linear.weight)):
+        return linear(x, residual=residual), None
+    out = linear(x)
+    return (out if tp is None else tp.all_reduce(out)), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -151,8 +179,27 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         for layer, kv in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, positions, self.cos_sin, kv, meta)
-        x, _ = self.norm(x, residual)
-        return x
+        return self.norm(x) if residual is None else self.norm(x, residual)[0]
+
+    @torch.no_grad()
+    def fold_norms(self) -> int:
+        """Fold each layer's RMSNorm weight into the 16-bit projection that reads it (``W' = W diag(g)``, ``g``
+        set to 1), so that a decode row's norm can run inside that projection's GEMV (``_normed_projection``).
+        Exact in real arithmetic; ``W'`` is rounded to the weight dtype once, so bf16 results move by bf16
+        rounding (about 2^-9 relative). Quantized projections keep their norm. Returns how many were folded."""
+        folded = 0
+        for layer in self.layers:
+            for norm, linear in ((layer.input_layernorm, layer.self_attn.qkv_proj),
+                                 (layer.post_attention_layernorm, layer.mlp.gate_up_proj)):
+                if type(linear) is not Linear or getattr(linear, "norm_folded", False):
+                    continue
+                g = norm.weight.float()
+                for rows in linear.weight.split(4096):  # bounded fp32 temporaries for large models
+                    rows.copy_(rows.float() * g)
+                norm.weight.fill_(1.0)
+                linear.norm_folded = True
+                folded += 1
+        return folded
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp is None:

@@ -17,7 +17,10 @@ _loaded = False
 # Fusions the model uses where they apply (switchable for before/after measurements, benchmarks/decode_latency.py):
 # "rope_write_kv": RoPE applied while writing K/V into the cache; "act_quant": RMSNorm and SwiGLU write the
 # per-token quantized rows an fp8/w8a8 linear reads. Either way the results are the same bits.
-FUSIONS: dict[str, bool] = {"rope_write_kv": True, "act_quant": True}
+# "norm_gemv": on the GPU, 16-bit QKV and gate/up weights absorb their RMSNorm's weight at load, so a decode
+# row's norm runs inside the GEMV, and the O/down GEMVs add the residual (two launches fewer per layer;
+# rounding differs from the separate ops, see ``LlamaForCausalLM.fold_norms``).
+FUSIONS: dict[str, bool] = {"rope_write_kv": True, "act_quant": True, "norm_gemv": True}
 
 
 def _fast(name: str, t: torch.Tensor) -> Callable | None:
@@ -47,10 +50,17 @@ def register(name: str) -> Callable[[Callable], Callable]:
     return deco
 
 
-def linear(x, weight, bias=None) -> torch.Tensor:
-    """``x @ weight^T + bias`` for a float weight; on the GPU, decode rows stream it through ``gemv.py``."""
-    fn = _fast("linear", x)
-    return fn(x, weight, bias) if fn is not None else torch.nn.functional.linear(x, weight, bias)
+def linear(x, weight, bias=None, norm_eps: float | None = None, residual=None) -> torch.Tensor:
+    """``x @ weight^T + bias`` for a float weight; on the GPU, decode rows stream it through ``gemv.py``.
+    ``norm_eps``: RMS-normalize ``x``'s rows first (no norm weight); ``residual``: add it to the result
+    (``reference.linear``); both are free inside the GEMV (``linear_fuses``)."""
+    return (_fast("linear", x) or reference.linear)(x, weight, bias, norm_eps, residual)
+
+
+def linear_fuses(x, weight) -> bool:
+    """Whether ``linear(x, weight, ...)`` runs as the GEMV here, where a norm or residual add costs no launch."""
+    fn = _fast("linear_fuses", x)
+    return fn is not None and fn(x, weight)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmc.plugins import gemv
+from llmc.plugins import gemv, reference
 from llmc.plugins.act_quant import QuantizedRows, empty_rows
 from llmc.plugins.kv_layout import KV_QMAX
 from llmc.plugins.metadata import AttentionMetadata
@@ -710,13 +710,22 @@ def _rms(x, residual, weight, eps, method=None, input_scale=None):
     return normed, res_out.view(x.shape)
 
 
-@register("linear")
-def linear(x, weight, bias=None) -> torch.Tensor:
+@register("linear_fuses")
+def linear_fuses(x, weight) -> bool:
     """Decode rows stream the weight through ``gemv.py``; more rows go to cuBLAS."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not gemv.applies(rows, weight.element_size(), weight.shape[0], weight.shape[1]):
-        return torch.nn.functional.linear(x, weight, bias)
-    return gemv.gemv(x.reshape(rows, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+    return gemv.applies(rows, weight.element_size(), weight.shape[0], weight.shape[1])
+
+
+@register("linear")
+def linear(x, weight, bias=None, norm_eps: float | None = None, residual=None) -> torch.Tensor:
+    """The GEMV where ``linear_fuses`` (norm and residual fused into it), else cuBLAS (and separate ops)."""
+    if not linear_fuses(x, weight):
+        return reference.linear(x, weight, bias, norm_eps, residual)
+    rows = x.numel() // x.shape[-1]
+    res = None if residual is None else residual.reshape(rows, weight.shape[0])
+    return gemv.gemv(x.reshape(rows, x.shape[-1]), weight, bias, norm_eps=norm_eps,
+                     residual=res).reshape(*x.shape[:-1], weight.shape[0])
 
 
 @register("rms_norm")

@@ -86,6 +86,8 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = LlamaForCausalLM(self.config, engine.quant, self.dtype, max_positions=self.max_seq_len, tp=tp)
         self._load_weights(show_progress)
+        if self.device.type == "cuda" and tp is None and ops.FUSIONS["norm_gemv"]:
+            self.model.fold_norms()  # decode rows' norms then run inside the 16-bit GEMVs
         self.num_kv_blocks = num_kv_blocks or self._auto_num_blocks(gpu_memory_utilization, kv_cache_bytes)
         if self.num_kv_blocks * self.block_size < self.max_seq_len:
             raise ConfigError(f"KV cache of {self.num_kv_blocks} blocks x {self.block_size} tokens cannot hold one "
