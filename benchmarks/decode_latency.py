@@ -161,6 +161,8 @@ def main() -> None:
                     help="override the engine's KV cache format")
     ap.add_argument("--no-fuse", action="append", default=[], choices=sorted(ops.FUSIONS),
                     help="run this fusion's ops unfused (repeatable): before/after figures in one process")
+    ap.add_argument("--fuse", action="append", default=[], choices=sorted(ops.FUSIONS),
+                    help="turn on a fusion that is off by default (repeatable), e.g. norm_gemv")
     ap.add_argument("--no-pdl", action="store_true",
                     help="launch every kernel serially (no programmatic dependent launch): the before figure")
     ap.add_argument("--tactic", action="append", default=[], metavar="MODULE.KEY=INT",
@@ -169,6 +171,8 @@ def main() -> None:
     a = ap.parse_args()
     for name in a.no_fuse:
         ops.FUSIONS[name] = False
+    for name in a.fuse:
+        ops.FUSIONS[name] = True
     overrides = override_tactics(a.tactic)
     triton_compat.PDL["enabled"] = not a.no_pdl
     bw = measure_bandwidth()

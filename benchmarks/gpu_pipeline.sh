@@ -155,6 +155,7 @@ declare -A DLARGS=(
   [bf16_b64_sync]="/tmp/en-none --batch 64 --steps 64 --profile --no-async-scheduling"
   [bf16_b1_unfused]="/tmp/en-none --batch 1 --steps 128 --profile --no-fuse rope_write_kv"
   [bf16_b1_nonormfuse]="/tmp/en-none --batch 1 --steps 128 --profile --no-fuse norm_gemv"
+  [bf16_b1_normfuse]="/tmp/en-none --batch 1 --steps 128 --profile --fuse norm_gemv"
   [bf16_b1_prof]="/tmp/en-none --batch 1 --steps 128 --profile"
   [bf16_b1_nogemv]="/tmp/en-none --batch 1 --steps 128 --profile --tactic gemv.max_m=0"
   [fp8_b1_nogemv]="/tmp/en-fp8 --batch 1 --steps 128 --profile --tactic gemv.q8_max_m=0"

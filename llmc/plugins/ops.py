@@ -19,8 +19,9 @@ _loaded = False
 # per-token quantized rows an fp8/w8a8 linear reads. Either way the results are the same bits.
 # "norm_gemv": on the GPU, 16-bit QKV and gate/up weights absorb their RMSNorm's weight at load, so a decode
 # row's norm runs inside the GEMV, and the O/down GEMVs add the residual (two launches fewer per layer;
-# rounding differs from the separate ops, see ``LlamaForCausalLM.fold_norms``).
-FUSIONS: dict[str, bool] = {"rope_write_kv": True, "act_quant": True, "norm_gemv": True}
+# rounding differs from the separate ops, see ``LlamaForCausalLM.fold_norms``). Off by default: on the H200 it
+# was neutral untuned and 0.056 ms/step slower with tuned GEMV tiles at batch 1 (BENCHMARKS.md, 2026-12-03).
+FUSIONS: dict[str, bool] = {"rope_write_kv": True, "act_quant": True, "norm_gemv": False}
 
 
 def _fast(name: str, t: torch.Tensor) -> Callable | None:
