@@ -96,7 +96,8 @@ for d in parts:
     for shape, row in d.get("gemm", {}).items():
         print(f"  {shape}: " + " ".join(f"{m}={r['us']:.1f}us/{r['GBps']:.0f}" if "us" in r else f"{m}=ERR" for m, r in row.items()))
     for name, sw in d.get("sweep", {}).items():
-        print(f"  sweep {name}: default {sw['default_us_total']} | top5 {[(r['cfg'], round(r['us_total'], 1)) for r in sw['top5']]}")
+        first = (sw.get("first") or {}).get("us_total")
+        print(f"  sweep {name}: default {sw['default_us_total']} first {first} | top5 {[(r['cfg'], round(r['us_total'], 1)) for r in sw['top5']]}")
         if sw["best"]:
             print(f"    best per shape: {sw['best_per_shape']} | best overall per shape: {sw['best']['us']}")
 PY
@@ -148,6 +149,8 @@ dl() {
   timeout 150 python3 benchmarks/decode_latency.py "$@" > "$R/dl_$name.json" 2>> "$R/err.log"
   summ "$R/dl_$name.json" | tee -a "$OUT/summary.txt"; save
 }
+# the GEMV's tiles for 8-bit weights before the pipelined K loop (seventh session)
+Q8_UNPIPED="--tactic gemv.q8_stages=1 --tactic gemv.q8_block_n=4 --tactic gemv.q8_block_k=256 --tactic gemv.q8_num_warps=8 --tactic gemv.q8_x_vector=0"
 declare -A DLARGS=(
   [bf16_b1]="/tmp/en-none --batch 1 --steps 128 --hf"
   [bf16_b1_sync]="/tmp/en-none --batch 1 --steps 128 --no-async-scheduling"
@@ -157,6 +160,9 @@ declare -A DLARGS=(
   [bf16_b1_nonormfuse]="/tmp/en-none --batch 1 --steps 128 --profile --no-fuse norm_gemv"
   [bf16_b1_normfuse]="/tmp/en-none --batch 1 --steps 128 --profile --fuse norm_gemv"
   [bf16_b1_prof]="/tmp/en-none --batch 1 --steps 128 --profile"
+  [bf16_b1_unpiped]="/tmp/en-none --batch 1 --steps 128 --profile --tactic gemv.stages=1 --tactic gemv.block_k=512 --tactic gemv.x_vector=0"
+  [fp8_b1_unpiped]="/tmp/en-fp8 --batch 1 --steps 128 --profile $Q8_UNPIPED"
+  [int8_b1_unpiped]="/tmp/en-int8 --batch 1 --steps 128 --profile $Q8_UNPIPED"
   [bf16_b1_nogemv]="/tmp/en-none --batch 1 --steps 128 --profile --tactic gemv.max_m=0"
   [fp8_b1_nogemv]="/tmp/en-fp8 --batch 1 --steps 128 --profile --tactic gemv.q8_max_m=0"
   [int8_b1_nogemv]="/tmp/en-int8 --batch 1 --steps 128 --profile --tactic gemv.q8_max_m=0"

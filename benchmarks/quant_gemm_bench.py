@@ -11,7 +11,7 @@ w8a8 as ``<method>_gemv`` against ``<method>_mma``, the decode tiling it replace
 ``--sweep`` times grids at one row: the GEMV's tiles (``gemv.TACTICS``) for bf16 weights, the fp8 MMA decode
 tiling (small_*: tiles, stages, split-K target), the int4 GEMV (``quant_gemm.TACTICS`` gemv_*) and the GEMV's
 tiles for fp8 weights (``q8_*``); it reports the best in sum over the four shapes (what the build-time tuner
-would store) and per shape. Prints the GEMM table as one JSON object, then the sweep as a second one.
+would store) and per shape. Prints the GEMM table as one JSON object, then each ``--sweep-set`` grid as another.
 Random weights.
 """
 from __future__ import annotations
@@ -174,7 +174,8 @@ def _grid(method: str, rows: int, keys: tuple[str, ...], grid, module=qg, fixed:
     per_shape = {s: min(ok, key=lambda r: r["us"][s]) for s in SHAPES} if ok else {}
     return {"keys": keys, "best": ok[0] if ok else None, "top5": ok[:5], "n_variants": len(rows_out),
             "best_per_shape": {s: {"cfg": r["cfg"], "us": r["us"][s]} for s, r in per_shape.items()},
-            "default_us_total": next((r["us_total"] for r in ok if r["cfg"] == default), None)}
+            "default_us_total": next((r["us_total"] for r in ok if r["cfg"] == default), None),
+            "first": rows_out[0] if rows_out else None}  # a grid's first entry: the baseline it is compared with
 
 
 def sweep(names: list[str] | None = None) -> dict:
@@ -185,15 +186,26 @@ def sweep(names: list[str] | None = None) -> dict:
     small_grid = list(itertools.product((32, 64, 128), (128, 256, 512), (4, 6), (264, 528)))
     tiles = ("block_n", "block_k", "num_warps", "x_vector")
     tile_grid = [c for c in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (0, 1)) if c[0] > 4 or not c[3]]
-    grids = {"bf16_m1_gemv": lambda: _grid("bf16", 1, tiles, tile_grid, module=gemv),
+    # the pipelined K loop (tiles copied ahead into shared memory): activations as one vector, so each stage
+    # holds them once; the unpipelined default first, for the comparison
+    staged = tiles + ("stages",)
+    staged_grid = [(4, 512, 4, 0, 1)] + list(itertools.product((2, 4, 8), (256, 512, 1024), (4, 8), (1,), (2, 3, 4)))
+    grids = {"bf16_m1_gemv": lambda: _grid("bf16", 1, tiles, tile_grid, module=gemv, fixed={"stages": 1}),
              "fp8_m1_mma": lambda: _grid("fp8", 1, small, small_grid, fixed={"q8_max_m": 0}),
              "int4_m1_gemv": lambda: _grid("int4", 1, gemv_keys, gemv_grid),
              "int4_m1_mma": lambda: _grid("int4", 1, small[:3], sorted({c[:3] for c in small_grid}),
                                           fixed_qg={"gemv_max_m": 0}),
              "fp8_m1_gemv": lambda: _grid("fp8", 1, tuple("q8_" + t for t in tiles), tile_grid, module=gemv,
-                                          fixed={"q8_max_m": 1}),
+                                          fixed={"q8_max_m": 1, "q8_stages": 1}),
              "int8_m1_gemv": lambda: _grid("int8", 1, tuple("q8_" + t for t in tiles), tile_grid, module=gemv,
-                                           fixed={"q8_max_m": 1})}
+                                           fixed={"q8_max_m": 1, "q8_stages": 1}),
+             "bf16_m1_stages": lambda: _grid("bf16", 1, staged, staged_grid, module=gemv),
+             "fp8_m1_stages": lambda: _grid("fp8", 1, tuple("q8_" + t for t in staged),
+                                            [(4, 256, 8, 0, 1)] + staged_grid[1:], module=gemv,
+                                            fixed={"q8_max_m": 1}),
+             "int8_m1_stages": lambda: _grid("int8", 1, tuple("q8_" + t for t in staged),
+                                             [(4, 256, 8, 0, 1)] + staged_grid[1:], module=gemv,
+                                             fixed={"q8_max_m": 1})}
     unknown = set(names or ()) - set(grids)
     if unknown:
         raise SystemExit(f"--sweep-set: unknown {sorted(unknown)}; choose from {sorted(grids)}")
@@ -218,8 +230,9 @@ def main() -> None:
     if not a.sweep_only:
         res["gemm"] = bench_all([int(r) for r in a.rows.split(",")])
     print(json.dumps(res, indent=1), flush=True)  # one JSON object per section: a cut-off run keeps the first
-    if a.sweep or a.sweep_only:
-        print(json.dumps({"sweep": sweep([n for n in a.sweep_set.split(",") if n] or None)}, indent=1))
+    if a.sweep or a.sweep_only:  # one JSON object per grid, as each finishes: a cut-off run keeps the first
+        for name in [n for n in a.sweep_set.split(",") if n] or [None]:
+            print(json.dumps({"sweep": sweep(None if name is None else [name])}, indent=1), flush=True)
 
 
 if __name__ == "__main__":

@@ -38,9 +38,11 @@ def triton_rows(m: int) -> int:
 @pytest.mark.parametrize("m", [1, 3, 4])
 @pytest.mark.parametrize("k", [256, 200])  # whole 64-wide tiles, or a ragged tail
 @pytest.mark.parametrize("x_vector", [0, 1])  # activations in the tile's shape, or one vector broadcast
-def test_gemv_matches_linear(dtype, m, k, x_vector, monkeypatch):
+@pytest.mark.parametrize("stages", [1, 3])  # plain loop, or tiles copied ahead through shared memory
+def test_gemv_matches_linear(dtype, m, k, x_vector, stages, monkeypatch):
     monkeypatch.setitem(gemv.TACTICS, "block_k", 64 * triton_rows(m))  # several tiles even at small K
     monkeypatch.setitem(gemv.TACTICS, "x_vector", x_vector)
+    monkeypatch.setitem(gemv.TACTICS, "stages", stages)
     n = 37
     x = torch.randn(m, k, generator=_gen(m)).to(dtype)
     w = (torch.randn(n, k, generator=_gen(k)) * 0.05).to(dtype)
@@ -56,7 +58,7 @@ def test_gemv_matches_linear(dtype, m, k, x_vector, monkeypatch):
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("k", [256, 200])
 @pytest.mark.parametrize("x_vector", [0, 1])
-@pytest.mark.parametrize("fused", ["norm", "residual", "both"])
+@pytest.mark.parametrize("fused", ["norm", "residual", "both", "both, 3 stages"])
 def test_gemv_fused_norm_and_residual(dtype, m, k, x_vector, fused, monkeypatch):
     """The RMS norm summed inside the GEMV (the squares of every K tile, ragged tail included, per row) and
     the residual added in its epilogue, against ``reference.linear``; rows of very different scales, so a
@@ -65,6 +67,8 @@ def test_gemv_fused_norm_and_residual(dtype, m, k, x_vector, fused, monkeypatch)
 
     monkeypatch.setitem(gemv.TACTICS, "block_k", 64 * triton_rows(m))
     monkeypatch.setitem(gemv.TACTICS, "x_vector", x_vector)
+    monkeypatch.setitem(gemv.TACTICS, "stages", 3 if "stages" in fused else 1)
+    fused = fused.split(",")[0]
     n, eps = 37, 1e-5
     x = (torch.randn(m, k, generator=_gen(m)) * torch.logspace(-1, 1, m)[:, None]).to(dtype)
     w = (torch.randn(n, k, generator=_gen(k)) * 0.05).to(dtype)
@@ -98,11 +102,13 @@ def test_gemv_rejects_mismatched_shapes():
 @pytest.mark.parametrize("method", ["int8", "fp8", "w8a8"])
 @pytest.mark.parametrize("m", [1, 2, 4])
 @pytest.mark.parametrize("x_vector", [0, 1])
-def test_qgemm_decode_rows_take_the_gemv_and_match(method, m, x_vector, monkeypatch):
+@pytest.mark.parametrize("stages", [1, 3])
+def test_qgemm_decode_rows_take_the_gemv_and_match(method, m, x_vector, stages, monkeypatch):
     """int8 weights with float rows (W8A16), fp8 and int8 W8A8 (quantized rows, SmoothQuant's input scale):
     the GEMV equals the reference and the MMA decode tiling it replaces."""
     monkeypatch.setitem(gemv.TACTICS, "q8_block_k", 128)
     monkeypatch.setitem(gemv.TACTICS, "q8_x_vector", x_vector)
+    monkeypatch.setitem(gemv.TACTICS, "q8_stages", stages)
     monkeypatch.setitem(gemv.TACTICS, "q8_block_n", 8)  # several rows per thread, so x_vector broadcasts
     monkeypatch.setitem(gemv.TACTICS, "q8_max_m", 4)
     monkeypatch.setitem(gemv.TACTICS, "w8a8_gemv", 1)
@@ -147,6 +153,7 @@ def test_gemv_llama_shapes_gpu(n, k, m, monkeypatch):
 
     monkeypatch.setitem(gemv.TACTICS, "max_m", 4)
     monkeypatch.setitem(gemv.TACTICS, "x_vector", int(m % 2 == 1))  # both activation layouts
+    monkeypatch.setitem(gemv.TACTICS, "stages", 3 if m in (1, 4) else 1)  # with and without the pipeline
     monkeypatch.setitem(gemv.TACTICS, "block_n", 16)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02

@@ -188,8 +188,11 @@ def _gemv_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: t
         seen.add(gemv.shape_key(n, k))
         defaults = gemv.shape_tactics(wb, n, k)
         off = (0, *(defaults[key] for key in gemv.PER_SHAPE_KEYS[1:]))  # the GEMM it replaces
-        tiles = [(1, bn, bk, w, xv) for bn, bk, w, xv in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (0, 1))
-                 if bn > 4 or not xv]  # broadcast activations only pay with several rows per thread
+        tiles = [(1, bn, bk, w, xv, 1) for bn, bk, w, xv in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (0, 1))
+                 if bn > 4 or not xv]  # unpipelined: broadcast activations only pay with several rows per thread
+        # pipelined through shared memory (each stage holds the activations once, as a vector): the H200's best
+        # per projection came from these (BENCHMARKS.md, seventh session)
+        tiles += [(1, bn, bk, w, 1, st) for bn, bk, w, st in itertools.product((4, 8), (512, 1024), (4, 8), (3, 4))]
         fams.append(Family(f"GEMV {n}x{k} (1 row)", "gemv", gemv.PER_SHAPE_KEYS, [off] + tiles, [case(k, fn, 1)],
                            scope=gemv.shape_key(n, k), defaults=defaults))
     if calls:

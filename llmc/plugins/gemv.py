@@ -25,26 +25,31 @@ from llmc.plugins.triton_compat import INTERPRET as _INTERPRET, pdl_args, pdl_wa
 
 TACTICS: dict[str, Any] = {
     # 16-bit / fp32 weights. H200 sweep at one row over Llama-2-7B's four projections (quant_gemm_bench.py
-    # --sweep): 4 x 512 x 4 warps 109.5 us in all, cuBLAS 114.3 us; at 2 and 4 rows cuBLAS wins.
+    # --sweep-set bf16_m1_stages): 4 x 1024 x 4 warps, activations as one vector, 4 stages 99.4 us in all;
+    # the unpipelined 4 x 512 x 4 warps 103.6 us (109.5 in an earlier sweep against cuBLAS's 114.3 us); at 2
+    # and 4 rows cuBLAS wins.
     "max_m": 1,         # rows up to this (at most 4) use the GEMV (0: never); more go to cuBLAS
     "block_n": 4,       # weight rows per program
-    "block_k": 512,     # elements per row per load at one activation row (halved per doubling of rows)
+    "block_k": 1024,    # elements per row per load at one activation row (halved per doubling of rows)
     "num_warps": 4,
     "evict_first": 1,   # weights are read once per step: keep L2 for the activations
-    "x_vector": 0,      # activations loaded once per tile and broadcast over its rows (_row_product)
+    "x_vector": 1,      # activations loaded once per tile and broadcast over its rows (_row_product)
     "prefetch": 1,      # under PDL, load the first weight tile before waiting for the previous kernel
-    # 8-bit (int8 / fp8) weights: the CUDA cores convert every byte, so fewer, wider programs. H200, fp8 at
-    # one row: 4 x 256 x 8 warps 81.7 us, the MMA decode tiling 85.7 us (80.8 tuned), 2 rows 2x slower.
+    "stages": 4,        # > 1: the K loop is software-pipelined, tiles copied ahead into shared memory (cp.async)
+    # 8-bit (int8 / fp8) weights: the CUDA cores convert every byte. H200, fp8 at one row (sweep-set
+    # fp8_m1_stages): 8 x 512 x 4 warps, one activation vector, 4 stages 77.2 us; unpipelined 4 x 256 x 8
+    # warps 80.2 us; the MMA decode tiling 85.7 us (80.8 tuned); 2 rows 2x slower.
     "q8_max_m": 1,
-    "q8_block_n": 4,
-    "q8_block_k": 256,
-    "q8_num_warps": 8,
-    "q8_x_vector": 0,
+    "q8_block_n": 8,
+    "q8_block_k": 512,
+    "q8_num_warps": 4,
+    "q8_x_vector": 1,
+    "q8_stages": 4,
     # W8A8 (int8 activations, SmoothQuant) too: the activations then need converting as well. H200 at one
     # row: 103.9 us against the MMA tiling's 84.8 us, so off unless the tuner finds otherwise.
     "w8a8_gemv": 0,
     # Per weight shape "NxK", what the build-time tuner chose at one row (PER_SHAPE_KEYS: "use" 0|1, "block_n",
-    # "block_k", "num_warps", "x_vector"); missing entries fall back to the keys above. On the H200 the best
+    # "block_k", "num_warps", "x_vector", "stages"); missing entries fall back to the keys above. On the H200 the best
     # differs by shape (bf16: cuBLAS for QKV, the GEMV for O and down; fp8: the MMA tiling for QKV and
     # gate/up), as TensorRT picks a tactic per layer.
     "per_shape": {},
@@ -129,14 +134,17 @@ def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, M, N, K, s
                  stride_om, eps, X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
                  NORM: tl.constexpr, RESIDUAL: tl.constexpr, EVICT_FIRST: tl.constexpr, X_VECTOR: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-                 PDL: tl.constexpr):
+                 STAGES: tl.constexpr, PDL: tl.constexpr):
     """``BLOCK_N`` output channels for all ``M`` (<= ``BLOCK_M`` <= 4) rows: every weight byte is read once,
     one element-wise accumulator per row. Whole K tiles run unmasked; the ragged tail (K % BLOCK_K, e.g.
     Llama's 11,008) is masked. ``PREFETCH`` (PDL, K >= BLOCK_K): the first weight tile is loaded before
     waiting for the previous kernel (weights never change), so the stream starts under its tail.
     ``NORM``: the rows are RMS-normalized (weight folded into W) by scaling each row's result by its
     ``rsqrt(mean(x^2) + eps)`` (``_row_squares``), so the norm costs no launch of its own.
-    ``RESIDUAL``: ``r [M, N]`` is added to the result (the residual stream, no separate add)."""
+    ``RESIDUAL``: ``r [M, N]`` is added to the result (the residual stream, no separate add).
+    ``STAGES`` > 1: Triton's pipeliner copies the next ``STAGES - 1`` tiles into shared memory (``cp.async``)
+    while this one is multiplied, so the bytes in flight no longer cost registers (a register double buffer
+    did: fewer programs per SM, measured slower)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -162,7 +170,7 @@ def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, M, N, K, s
             sq0, sq1, sq2, sq3 = _row_squares(sq0, sq1, sq2, sq3, x_ptr, stride_xm, M, offs_k, k_all, BLOCK_M)
     else:
         pdl_wait(PDL)
-    for k0 in range(BLOCK_K if PREFETCH else 0, k_full, BLOCK_K):
+    for k0 in tl.range(BLOCK_K if PREFETCH else 0, k_full, BLOCK_K, num_stages=STAGES):
         w = _to_f32(_weight_tile(w_ptr + k0, w_offs, full, EVICT_FIRST))
         acc0, acc1, acc2, acc3 = _tile_products(acc0, acc1, acc2, acc3, x_ptr + k0, stride_xm, M, x_offs, offs_k, w,
                                                 full, k_all, X_VECTOR, BLOCK_M, False)
@@ -213,7 +221,7 @@ def _store_row(acc, sq, row: tl.constexpr, M, K, eps, xs_ptr, ws, bias, r_ptr, s
 
 MAX_ROWS = 4  # the kernel keeps one accumulator per row, up to this many
 # what TACTICS["per_shape"] may set per shape
-PER_SHAPE_KEYS = ("use", "block_n", "block_k", "num_warps", "x_vector")
+PER_SHAPE_KEYS = ("use", "block_n", "block_k", "num_warps", "x_vector", "stages")
 
 
 def shape_key(n: int, k: int) -> str:
@@ -282,5 +290,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         HAS_BIAS=bias is not None, NORM=norm_eps is not None, RESIDUAL=residual is not None,
         EVICT_FIRST=bool(TACTICS["evict_first"]) and not _INTERPRET, X_VECTOR=bool(t["x_vector"]), BLOCK_M=bm,
         BLOCK_N=bn, BLOCK_K=bk, PREFETCH=pdl["PDL"] and bool(TACTICS["prefetch"]) and k >= bk,
-        num_warps=t["num_warps"], **pdl)
+        STAGES=t["stages"], num_warps=t["num_warps"], num_stages=t["stages"], **pdl)
     return out
