@@ -191,6 +191,7 @@ declare -A DLARGS=(
   [fp8_b64_plain]="/tmp/en-fp8 --batch 64 --steps 64"
   [bf16_b64_nopdl]="/tmp/en-none --batch 64 --steps 64 --profile --no-pdl"
   [int4_b1_bytes]="/tmp/en-int4 --batch 1 --steps 128 --profile --tactic quant_gemm.gemv_words=0"
+  [int4_b1_st3]="/tmp/en-int4 --batch 1 --steps 128 --profile --tactic quant_gemm.gemv_num_stages=3"
   [int4_b1_mma]="/tmp/en-int4 --batch 1 --steps 128 --profile --tactic quant_gemm.gemv_max_m=0"
   [int4_b1_old]="/tmp/en-int4 --batch 1 --steps 128 --profile --tactic quant_gemm.gemv_words=0 --tactic quant_gemm.gemv_block_n=16 --tactic quant_gemm.gemv_block_k=1024")
 tp() {  # tp ENGINE@BATCH[:INxOUT[:N]] [extra llmc bench flags]

@@ -193,6 +193,9 @@ def sweep(names: list[str] | None = None) -> dict:
     grids = {"bf16_m1_gemv": lambda: _grid("bf16", 1, tiles, tile_grid, module=gemv, fixed={"stages": 1}),
              "fp8_m1_mma": lambda: _grid("fp8", 1, small, small_grid, fixed={"q8_max_m": 0}),
              "int4_m1_gemv": lambda: _grid("int4", 1, gemv_keys, gemv_grid),
+             "int4_m1_stages": lambda: _grid("int4", 1, gemv_keys[:3] + ("gemv_num_stages",),
+                                             [(64, 512, 4, 1), (64, 512, 4, 2), (64, 512, 4, 4)]
+                                             + list(itertools.product((32, 64, 128), (256, 512), (4, 8), (3,)))),
              "int4_m1_mma": lambda: _grid("int4", 1, small[:3], sorted({c[:3] for c in small_grid}),
                                           fixed_qg={"gemv_max_m": 0}),
              "fp8_m1_gemv": lambda: _grid("fp8", 1, tuple("q8_" + t for t in tiles), tile_grid, module=gemv,

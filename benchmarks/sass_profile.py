@@ -136,7 +136,7 @@ def kernel_specs() -> dict[str, tuple]:
                             "s_ptr": "*fp32", "z_ptr": "*u8",
                             "b_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32"},
                            dict(GROUP=128, HAS_ISC=False, HAS_BIAS=False, SPLIT=1, WORDS=qt["gemv_words"],
-                                BLOCK_N=qt["gemv_block_n"], BLOCK_K=qt["gemv_block_k"]),
+                                BLOCK_N=qt["gemv_block_n"], BLOCK_K=qt["gemv_block_k"], STAGES=qt["gemv_num_stages"]),
                            qt["gemv_num_warps"], qt["gemv_num_stages"], ()),
         "int4 mma g128, 16 rows": (qg._qgemm_kernel,
                                    {"x_ptr": "*bf16", "xs_ptr": "*fp32", "isc_ptr": "*fp32", "w_ptr": "*u8",

@@ -155,11 +155,13 @@ def test_qgemm_llama_shapes_gpu(method, m):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,words", [(1, 1), (1, 2), (1, 0), (2, 1), (8, 1), (40, 1)])
-def test_int4_16bit_activations_gpu(dtype, m, words, monkeypatch):
+@pytest.mark.parametrize("stages", [1, 3])  # the GEMV's K loop unpipelined or through shared memory
+def test_int4_16bit_activations_gpu(dtype, m, words, stages, monkeypatch):
     """The int4 kernels' inline-PTX nibble conversions (the GEMV's in-place masks, the MMA tiling's
     16-bit ``c * (16 + n)`` lanes, per activation dtype) against the reference on the same rounded inputs,
     K = 4,096 with 32 groups (uneven N)."""
     monkeypatch.setitem(qg.TACTICS, "gemv_words", words)
+    monkeypatch.setitem(qg.TACTICS, "gemv_num_stages", stages)
     layer = make_layer("int4", 4096, 1000, group=128, bias=False, seed=60 + m)
     x = torch.randn(m, 4096, generator=torch.Generator().manual_seed(61 + m)).to(dtype)
     ref = layer(x.float())
@@ -191,12 +193,14 @@ def test_int4_dequantize_then_matmul_path(method, monkeypatch):
 
 @pytest.mark.parametrize("group,block_k,k", [(32, 128, 448), (64, 64, 448), (64, 256, 448), (128, 256, 512)])
 @pytest.mark.parametrize("words", [0, 1, 2])
-def test_int4_gemv_groups_per_tile_and_split(group, block_k, k, words, monkeypatch):
+@pytest.mark.parametrize("stages", [1, 3])
+def test_int4_gemv_groups_per_tile_and_split(group, block_k, k, words, stages, monkeypatch):
     """The CUDA-core GEMV for a few rows: one or several groups per K tile, K not a multiple of the tile
     (ragged last split), bytes or int32 words, with and without split K."""
     monkeypatch.setitem(qg.TACTICS, "gemv_max_m", 3)
     monkeypatch.setitem(qg.TACTICS, "gemv_block_k", block_k)
     monkeypatch.setitem(qg.TACTICS, "gemv_words", words)
+    monkeypatch.setitem(qg.TACTICS, "gemv_num_stages", stages)
     layer = make_layer("int4-awq", k, 72, group=group, bias=True, seed=group)
     # a ragged last tile must not read past K: give the kernel views into buffers poisoned with NaN scales
     big = torch.full((k // group + 4, 72), float("nan"))

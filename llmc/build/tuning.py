@@ -240,7 +240,7 @@ def _gemm_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: t
                                                             group, isc, None, t.get("scales_gn"), t.get("zeros_gn")),
                             copies))
     if group:  # its GEMV's tiles per weight shape (qg.TACTICS["per_shape"]), as TensorRT picks per layer
-        tiles = list(itertools.product((32, 64, 128), (256, 512), (4, 8)))
+        tiles = list(itertools.product((32, 64, 128), (256, 512), (4, 8), (1, 3)))  # (1: the K loop unpipelined)
         return [Family(f"int4 GEMV {n}x{k} (1 row)", "quant_gemm", qg.PER_SHAPE_KEYS, tiles, [case],
                        scope=gemv.shape_key(n, k), defaults=qg.int4_gemv_tactics(n, k))
                 for (n, k), case in zip(shapes, cases)]

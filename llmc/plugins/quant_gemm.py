@@ -45,7 +45,7 @@ TACTICS: dict[str, Any] = {
     "gemv_block_n": 64,         # int4 GEMV tile. H200 sweep at one row, Llama-2-7B's four projections: 64 x 512 x
     "gemv_block_k": 512,        # 4 warps, words with split inputs: 71.9 us in all (the byte loop at 16 x 1024, the
     "gemv_num_warps": 4,        # last default: 105.8 us; bf16 cuBLAS 114 us)
-    "gemv_num_stages": 3,
+    "gemv_num_stages": 1,       # > 1: the K loop pipelined through shared memory (cp.async; as gemv.py's stages)
     "gemv_words": 2,            # packed int4 read as int32 words (8 nibbles masked in place), the inputs as one
                                 # vector split in registers (2) or 8 strided loads (1); 0: bytes
     "small_m": 64,              # rows up to this use the decode tiling (16..64-row tiles)
@@ -74,7 +74,7 @@ TACTICS: dict[str, Any] = {
     # down 128 x 512 x 8 (66.3 us in all against 71.9 at the defaults).
     "per_shape": {},
 }
-PER_SHAPE_KEYS = ("gemv_block_n", "gemv_block_k", "gemv_num_warps")
+PER_SHAPE_KEYS = ("gemv_block_n", "gemv_block_k", "gemv_num_warps", "gemv_num_stages")
 
 
 @triton.jit
@@ -415,7 +415,7 @@ def _int4_gemv_tile(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, row, k0, K, stride_xm, 
 def _int4_gemv_kernel(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, M, N, K, k_per_split,
                       stride_xm, stride_wn, stride_sg, stride_om, GROUP: tl.constexpr, HAS_ISC: tl.constexpr,
                       HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                      BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
     """One activation row against ``BLOCK_N`` int4 rows on the CUDA cores (no MMA padding to 16 rows).
     A K tile spans ``BLOCK_K // GROUP`` whole groups; per group ``sum (q - z) x = sum q x - z sum x``.
     ``WORDS``: read the packed weight as int32 words of 8 nibbles (k = 8 * word + nibble), the inputs as one
@@ -430,7 +430,7 @@ def _int4_gemv_kernel(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_
     k_stop = tl.minimum(k_start + k_per_split, K)
     k_full = k_start + tl.maximum(k_stop - k_start, 0) // BLOCK_K * BLOCK_K
     acc = tl.zeros((BLOCK_N,), tl.float32)
-    for k0 in range(k_start, k_full, BLOCK_K):
+    for k0 in tl.range(k_start, k_full, BLOCK_K, num_stages=STAGES):
         acc += _int4_gemv_tile(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, row, k0, K, stride_xm, stride_wn, stride_sg,
                                offs_n, n_mask, GROUP, HAS_ISC, WORDS, False, BLOCK_N, BLOCK_K)
     if k_full < k_stop:
@@ -565,8 +565,8 @@ def _int4_gemv(x, qweight, sg, zg, group, input_scale, bias, out):
         x, input_scale if input_scale is not None else sg, w, sg, zg, bias if bias is not None else sg, out,
         part, m, n, k, per_split * bk, x.stride(0), w.stride(0), sg.stride(0), out.stride(0), GROUP=group,
         HAS_ISC=input_scale is not None, HAS_BIAS=bias is not None and split == 1, SPLIT=split, WORDS=words,
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=t["gemv_num_warps"],
-        num_stages=1 if _INTERPRET else TACTICS["gemv_num_stages"], **pdl_args(x))
+        BLOCK_N=bn, BLOCK_K=bk, STAGES=t["gemv_num_stages"], num_warps=t["gemv_num_warps"],
+        num_stages=t["gemv_num_stages"], **pdl_args(x))
     if split > 1:
         _reduce_splits(part, bias, out, split)
     return out
