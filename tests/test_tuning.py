@@ -211,7 +211,7 @@ def test_unquantized_engines_choose_the_gemv_per_shape_then_its_row_limit(monkey
         assert gemv.applies(1, 2, 128, 64) and not gemv.applies(1, 2, 256, 64)
         assert gemv.applies(2, 2, 64, 64) and not gemv.applies(3, 2, 64, 64)
         with pytest.raises(ConfigError, match="per_shape"):
-            tuning.apply_tactics({"gemv": {"per_shape": {"64x64": {"stages": 3}}}})
+            tuning.apply_tactics({"gemv": {"per_shape": {"64x64": {"split_k": 3}}}})
     finally:
         gemv.TACTICS.clear()
         gemv.TACTICS.update(saved)
