@@ -50,8 +50,8 @@ TACTICS: dict[str, Any] = {
     "w8a8_gemv": 0,
     # Per weight shape "NxK", what the build-time tuner chose at one row (PER_SHAPE_KEYS: "use" 0|1, "block_n",
     # "block_k", "num_warps", "x_vector", "stages"); missing entries fall back to the keys above. On the H200 the best
-    # differs by shape (bf16: cuBLAS for QKV, the GEMV for O and down; fp8: the MMA tiling for QKV and
-    # gate/up), as TensorRT picks a tactic per layer.
+    # differs by shape (bf16: the pipelined defaults for QKV, gate/up and the LM head, 16 x 1024 unpipelined for
+    # O and down; fp8 once took the MMA tiling for QKV and gate/up), as TensorRT picks a tactic per layer.
     "per_shape": {},
 }
 
