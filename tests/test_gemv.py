@@ -174,3 +174,13 @@ def test_w8a8_rows_stay_on_the_mma_tiling_unless_switched_on(monkeypatch):
         layer = make_layer(method, 256, 40, group=0, bias=False, seed=91)
         torch.testing.assert_close(run_kernel(layer, x), layer(x), atol=2e-4, rtol=1e-4)
         assert len(calls) == expected, method
+
+
+def test_shape_entries_tuned_before_the_pipeline_keep_the_unpipelined_loop(monkeypatch):
+    """An engine tuned before ``stages`` existed stores tiles timed unpipelined: they keep stages 1, while
+    shapes without an entry, and entries that name their stages, get what they say."""
+    monkeypatch.setitem(gemv.TACTICS, "per_shape", {"64x32": {"block_n": 16}, "32x32": {"block_n": 8, "stages": 3}})
+    monkeypatch.setitem(gemv.TACTICS, "stages", 4)
+    assert gemv.shape_tactics(2, 64, 32)["stages"] == 1 and gemv.shape_tactics(2, 64, 32)["block_n"] == 16
+    assert gemv.shape_tactics(2, 32, 32)["stages"] == 3
+    assert gemv.shape_tactics(2, 16, 32)["stages"] == 4

@@ -236,9 +236,12 @@ def _width_key(name: str, weight_bytes: int) -> str:
 
 def shape_tactics(weight_bytes: int, n: int, k: int) -> dict[str, int]:
     """The GEMV's choice for a ``[n, k]`` weight (``PER_SHAPE_KEYS``): what the tuner stored for the shape,
-    over the defaults of the weight's width."""
-    return {"use": 1, **{key: TACTICS[_width_key(key, weight_bytes)] for key in PER_SHAPE_KEYS[1:]},
-            **TACTICS["per_shape"].get(shape_key(n, k), {})}
+    over the defaults of the weight's width. An entry without ``stages`` was tuned before the loop could be
+    pipelined, so its tiles were timed unpipelined and keep that (not the pipelined default)."""
+    tuned = TACTICS["per_shape"].get(shape_key(n, k), {})
+    if tuned and "stages" not in tuned:
+        tuned = {"stages": 1, **tuned}
+    return {"use": 1, **{key: TACTICS[_width_key(key, weight_bytes)] for key in PER_SHAPE_KEYS[1:]}, **tuned}
 
 
 def applies(rows: int, weight_bytes: int = 2, n: int = 0, k: int = 0) -> bool:
