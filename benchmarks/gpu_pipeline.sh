@@ -161,6 +161,7 @@ declare -A DLARGS=(
   [bf16_b1_normfuse]="/tmp/en-none --batch 1 --steps 128 --profile --fuse norm_gemv"
   [bf16_b1_prof]="/tmp/en-none --batch 1 --steps 128 --profile"
   [bf16_b1_unpiped]="/tmp/en-none --batch 1 --steps 128 --profile --tactic gemv.stages=1 --tactic gemv.block_k=512 --tactic gemv.x_vector=0"
+  [fp8_b1_half]="/tmp/en-fp8 --batch 1 --steps 128 --profile --tactic gemv.q8_half=1"
   [fp8_b1_unpiped]="/tmp/en-fp8 --batch 1 --steps 128 --profile $Q8_UNPIPED"
   [int8_b1_unpiped]="/tmp/en-int8 --batch 1 --steps 128 --profile $Q8_UNPIPED"
   [bf16_b1_nogemv]="/tmp/en-none --batch 1 --steps 128 --profile --tactic gemv.max_m=0"
@@ -192,6 +193,7 @@ declare -A DLARGS=(
   [bf16_b64_nopdl]="/tmp/en-none --batch 64 --steps 64 --profile --no-pdl"
   [int4_b1_bytes]="/tmp/en-int4 --batch 1 --steps 128 --profile --tactic quant_gemm.gemv_words=0"
   [int4_b1_st3]="/tmp/en-int4 --batch 1 --steps 128 --profile --tactic quant_gemm.gemv_num_stages=3"
+  [int4_b1_128st3]="/tmp/en-int4 --batch 1 --steps 128 --profile --tactic quant_gemm.gemv_num_stages=3 --tactic quant_gemm.gemv_block_n=128"
   [int4_b1_mma]="/tmp/en-int4 --batch 1 --steps 128 --profile --tactic quant_gemm.gemv_max_m=0"
   [int4_b1_old]="/tmp/en-int4 --batch 1 --steps 128 --profile --tactic quant_gemm.gemv_words=0 --tactic quant_gemm.gemv_block_n=16 --tactic quant_gemm.gemv_block_k=1024")
 tp() {  # tp ENGINE@BATCH[:INxOUT[:N]] [extra llmc bench flags]

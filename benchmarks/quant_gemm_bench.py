@@ -206,6 +206,8 @@ def sweep(names: list[str] | None = None) -> dict:
              "fp8_m1_stages": lambda: _grid("fp8", 1, tuple("q8_" + t for t in staged),
                                             [(4, 256, 8, 0, 1)] + staged_grid[1:], module=gemv,
                                             fixed={"q8_max_m": 1}),
+             "fp8_m1_half": lambda: _grid("fp8", 1, tuple("q8_" + t for t in staged), staged_grid[1:], module=gemv,
+                                          fixed={"q8_max_m": 1, "q8_half": 1}),  # f16 products (gemv HALF)
              "int8_m1_stages": lambda: _grid("int8", 1, tuple("q8_" + t for t in staged),
                                              [(4, 256, 8, 0, 1)] + staged_grid[1:], module=gemv,
                                              fixed={"q8_max_m": 1})}
