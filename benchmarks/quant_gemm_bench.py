@@ -189,7 +189,9 @@ def sweep(names: list[str] | None = None) -> dict:
     # the pipelined K loop (tiles copied ahead into shared memory): activations as one vector, so each stage
     # holds them once; the unpipelined default first, for the comparison
     staged = tiles + ("stages",)
-    staged_grid = [(4, 512, 4, 0, 1)] + list(itertools.product((2, 4, 8), (256, 512, 1024), (4, 8), (1,), (2, 3, 4)))
+    piped = list(itertools.product((2, 4, 8), (256, 512, 1024), (4, 8), (1,), (2, 3, 4)))
+    staged_grid = [(4, 512, 4, 0, 1)] + piped
+    q8_staged, q8_staged_grid = tuple("q8_" + t for t in staged), [(4, 256, 8, 0, 1)] + piped  # 8-bit baseline
     grids = {"bf16_m1_gemv": lambda: _grid("bf16", 1, tiles, tile_grid, module=gemv, fixed={"stages": 1}),
              "fp8_m1_mma": lambda: _grid("fp8", 1, small, small_grid, fixed={"q8_max_m": 0}),
              "int4_m1_gemv": lambda: _grid("int4", 1, gemv_keys, gemv_grid),
@@ -203,13 +205,10 @@ def sweep(names: list[str] | None = None) -> dict:
              "int8_m1_gemv": lambda: _grid("int8", 1, tuple("q8_" + t for t in tiles), tile_grid, module=gemv,
                                            fixed={"q8_max_m": 1, "q8_stages": 1}),
              "bf16_m1_stages": lambda: _grid("bf16", 1, staged, staged_grid, module=gemv),
-             "fp8_m1_stages": lambda: _grid("fp8", 1, tuple("q8_" + t for t in staged),
-                                            [(4, 256, 8, 0, 1)] + staged_grid[1:], module=gemv,
-                                            fixed={"q8_max_m": 1}),
-             "fp8_m1_half": lambda: _grid("fp8", 1, tuple("q8_" + t for t in staged), staged_grid[1:], module=gemv,
+             "fp8_m1_stages": lambda: _grid("fp8", 1, q8_staged, q8_staged_grid, module=gemv, fixed={"q8_max_m": 1}),
+             "fp8_m1_half": lambda: _grid("fp8", 1, q8_staged, piped, module=gemv,
                                           fixed={"q8_max_m": 1, "q8_half": 1}),  # f16 products (gemv HALF)
-             "int8_m1_stages": lambda: _grid("int8", 1, tuple("q8_" + t for t in staged),
-                                             [(4, 256, 8, 0, 1)] + staged_grid[1:], module=gemv,
+             "int8_m1_stages": lambda: _grid("int8", 1, q8_staged, q8_staged_grid, module=gemv,
                                              fixed={"q8_max_m": 1})}
     unknown = set(names or ()) - set(grids)
     if unknown:

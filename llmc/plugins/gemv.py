@@ -316,8 +316,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     bk = max(64, t["block_k"] // bm)  # bm accumulators of bn x bk: keep them in registers
     dummy = weight
     pdl = pdl_args(x)
-    half = (bool(TACTICS["q8_half"]) and x_scale is not None and x.dtype == weight.dtype == torch.float8_e4m3fn
-            and bk % 16 == 0)
+    half = bool(TACTICS["q8_half"]) and x_scale is not None and x.dtype == weight.dtype == torch.float8_e4m3fn
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, x_scale if x_scale is not None else dummy, weight, w_scale if w_scale is not None else dummy,
         bias if bias is not None else dummy, residual if residual is not None else dummy, out, m, n, k,
