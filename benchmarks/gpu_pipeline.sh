@@ -161,7 +161,6 @@ declare -A DLARGS=(
   [bf16_b1_normfuse]="/tmp/en-none --batch 1 --steps 128 --profile --fuse norm_gemv"
   [bf16_b1_prof]="/tmp/en-none --batch 1 --steps 128 --profile"
   [bf16_b1_unpiped]="/tmp/en-none --batch 1 --steps 128 --profile --tactic gemv.stages=1 --tactic gemv.block_k=512 --tactic gemv.x_vector=0"
-  [fp8_b1_half]="/tmp/en-fp8 --batch 1 --steps 128 --profile --tactic gemv.q8_half=1"
   [fp8_b1_unpiped]="/tmp/en-fp8 --batch 1 --steps 128 --profile $Q8_UNPIPED"
   [int8_b1_unpiped]="/tmp/en-int8 --batch 1 --steps 128 --profile $Q8_UNPIPED"
   [bf16_b1_nogemv]="/tmp/en-none --batch 1 --steps 128 --profile --tactic gemv.max_m=0"

@@ -206,8 +206,6 @@ def sweep(names: list[str] | None = None) -> dict:
                                            fixed={"q8_max_m": 1, "q8_stages": 1}),
              "bf16_m1_stages": lambda: _grid("bf16", 1, staged, staged_grid, module=gemv),
              "fp8_m1_stages": lambda: _grid("fp8", 1, q8_staged, q8_staged_grid, module=gemv, fixed={"q8_max_m": 1}),
-             "fp8_m1_half": lambda: _grid("fp8", 1, q8_staged, piped, module=gemv,
-                                          fixed={"q8_max_m": 1, "q8_half": 1}),  # f16 products (gemv HALF)
              "int8_m1_stages": lambda: _grid("int8", 1, q8_staged, q8_staged_grid, module=gemv,
                                              fixed={"q8_max_m": 1})}
     unknown = set(names or ()) - set(grids)

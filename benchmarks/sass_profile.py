@@ -96,7 +96,7 @@ def kernel_specs() -> dict[str, tuple]:
                 dict(X_SCALED=x != "*bf16", W_SCALED=q8, HAS_BIAS=False, NORM=norm, RESIDUAL=residual,
                      EVICT_FIRST=bool(gt["evict_first"]),
                      BLOCK_M=1, X_VECTOR=bool(d["x_vector"]), BLOCK_N=d["block_n"], BLOCK_K=d["block_k"],
-                     PREFETCH=bool(gt["prefetch"]), STAGES=d["stages"], HALF=bool(d.get("half", 0))),
+                     PREFETCH=bool(gt["prefetch"]), STAGES=d["stages"]),
                 d["num_warps"], d["stages"], ("eps",))
     kv8 = {"kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv", "ks_ptr": "*fp32", "vs_ptr": "*fp32"}
     fp8_kv = dict(QUANT=True, QMAX=448.0, IS_INT=False, ROUND_FP8=False)
@@ -130,7 +130,6 @@ def kernel_specs() -> dict[str, tuple]:
         "gemv bf16, residual fused": gemv_spec("*bf16", "*bf16", False, residual=True),
         "gemv bf16, unpipelined": gemv_spec("*bf16", "*bf16", False, stages=1, block_k=512, x_vector=0),
         "gemv fp8 rows": gemv_spec("*fp8e4nv", "*fp8e4nv", True),
-        "gemv fp8 rows, f16 products": gemv_spec("*fp8e4nv", "*fp8e4nv", True, half=1),
         "gemv int8 weights": gemv_spec("*i8", "*bf16", True),
         "int4 gemv g128": (qg._int4_gemv_kernel,
                            {"x_ptr": "*bf16", "isc_ptr": "*fp32", "w_ptr": "*i32" if qt["gemv_words"] else "*u8",

@@ -125,68 +125,6 @@ def test_qgemm_decode_rows_take_the_gemv_and_match(method, m, x_vector, stages, 
     torch.testing.assert_close(out, mma, atol=2e-4, rtol=1e-4)
 
 
-def spy_half(monkeypatch) -> list:
-    """The ``HALF`` constexpr of every GEMV launch from now on (so a test knows the f16 path really ran)."""
-    seen, real = [], gemv._gemv_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append(kwargs["HALF"])
-                return real[grid](*args, **kwargs)
-            return launch
-    monkeypatch.setattr(gemv, "_gemv_kernel", Spy())
-    return seen
-
-
-@pytest.mark.parametrize("m", [1, 3])
-@pytest.mark.parametrize("stages", [1, 3])
-def test_fp8_gemv_with_f16_products_matches(m, stages, monkeypatch):
-    """``q8_half``: e4m3 rows times e4m3 weights multiplied in f16 and summed 16 at a time. Exact products,
-    f16 partial sums: within 1e-3 of the largest output of the fp32 GEMV (and of the reference), ragged K
-    tail and a masked row included."""
-    monkeypatch.setitem(gemv.TACTICS, "q8_block_k", 128)
-    monkeypatch.setitem(gemv.TACTICS, "q8_block_n", 8)
-    monkeypatch.setitem(gemv.TACTICS, "q8_max_m", 4)
-    monkeypatch.setitem(gemv.TACTICS, "q8_stages", stages)
-    layer = make_layer("fp8", 448, 72, group=0, bias=True, seed=75 + m)  # 448: three tiles and a half
-    x = torch.randn(m, 448, generator=_gen(76 + m)) * 3
-    monkeypatch.setitem(gemv.TACTICS, "q8_half", 0)
-    seen = spy_half(monkeypatch)
-    exact = run_kernel(layer, x)
-    monkeypatch.setitem(gemv.TACTICS, "q8_half", 1)
-    half = run_kernel(layer, x)
-    assert seen == [False, True], seen  # both rows went through the GEMV, the second in f16
-    scale = exact.abs().max().item()
-    torch.testing.assert_close(half, exact, atol=1e-3 * scale, rtol=0)  # measured: 1.7e-4 of the largest
-    if not CUDA:  # on the GPU activations may round to a neighbouring e4m3 value (test_quant_gemm's flips);
-        torch.testing.assert_close(half, layer(x), atol=1e-3 * scale, rtol=0)  # there exact is the check
-
-
-def test_fp8_gemv_f16_products_do_not_overflow_at_the_largest_values(monkeypatch):
-    """Every product at e4m3's largest magnitude (448 x 448 before the 2^-8 prescale): the f16 sums of 16 stay
-    finite and exact, and the result equals the fp32 GEMV's."""
-    from llmc.plugins.act_quant import quantize_rows
-
-    monkeypatch.setitem(gemv.TACTICS, "q8_block_k", 128)
-    n, k = 40, 512
-    qw = torch.full((n, k), 448.0).to(torch.float8_e4m3fn)
-    ws = torch.full((n,), 1e-3)
-    x = torch.full((1, k), 7.0)
-    q = torch.full((1, k), 448.0).to(torch.float8_e4m3fn)
-    xs = torch.full((1,), 7.0 / 448)
-    if CUDA:  # the interpreter's fp32 -> e4m3 rounding is wrong at binade edges; 448 itself is exact
-        rows = quantize_rows(x.to(DEV).bfloat16(), "fp8", None)
-        q, xs = rows.q, rows.scale
-    outs, seen = [], spy_half(monkeypatch)
-    for half in (0, 1):
-        monkeypatch.setitem(gemv.TACTICS, "q8_half", half)
-        outs.append(gemv.gemv(q.to(DEV), qw.to(DEV), None, xs.to(DEV).float(), ws.to(DEV), torch.float32).cpu())
-    assert seen == [False, True] and torch.isfinite(outs[1]).all()
-    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=1e-6)
-    torch.testing.assert_close(outs[0], torch.full((1, n), 448.0 * k * 7.0 * 1e-3), rtol=1e-5, atol=0)
-
-
 def test_qgemm_quantized_rows_in_bf16(monkeypatch):
     """Pre-quantized fp8 rows (what the fused RMSNorm hands an fp8 linear) in a bf16 model: result in bf16,
     the rows' dtype, and close to the float product."""

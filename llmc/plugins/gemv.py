@@ -45,10 +45,6 @@ TACTICS: dict[str, Any] = {
     "q8_num_warps": 4,
     "q8_x_vector": 1,
     "q8_stages": 4,
-    # e4m3 rows times e4m3 weights with the products in packed f16 (_row_product's HALF): offline sm_90 at
-    # the defaults, 119 loop instructions and 64 registers against 155 and 95 (3.7 per weight against 4.8).
-    # Not yet timed on a GPU, so off.
-    "q8_half": 0,
     # W8A8 (int8 activations, SmoothQuant) too: the activations then need converting as well. H200 at one
     # row: 103.9 us against the MMA tiling's 84.8 us, so off unless the tuner finds otherwise.
     "w8a8_gemv": 0,
@@ -76,59 +72,35 @@ def _to_f32(v):
 
 
 @triton.jit
-def _weights(v, HALF: tl.constexpr):
-    """A loaded weight tile as the products want it: f16 for ``HALF`` (e4m3 converts exactly), else fp32."""
-    if HALF:
-        r = v.to(tl.float16)
-    else:
-        r = _to_f32(v)
-    return r
-
-
-@triton.jit
 def _row_product(x_ptr, stride_xm, row: tl.constexpr, M, x_offs, offs_k, w, mask, k_mask,
-                 X_VECTOR: tl.constexpr, HALF: tl.constexpr, TAIL: tl.constexpr):
+                 X_VECTOR: tl.constexpr):
     """Row ``row``'s activations times the weight tile. Loaded in the tile's own [BLOCK_N, BLOCK_K] shape
     (every weight row reads the same addresses, served by L1): no layout conversion through shared memory,
     but each is converted once per weight. ``X_VECTOR``: loaded once as a [BLOCK_K] vector, converted once
     and broadcast over the rows (a shared-memory relayout per tile: pays when a thread holds several rows
-    and the conversion is dear, as for fp8).
-    ``HALF`` (e4m3 rows times e4m3 weights): the products in packed f16 (``HFMA2``, two per instruction, where
-    fp32 needs a conversion and an FMA per weight), the activations scaled by 2^-8 first (exact) so that a
-    product is at most 784 and is exact; each run of 16 along K is summed in f16 (at most 12,544, no
-    overflow; ~2^-11 relative rounding, far below e4m3's 2^-4) and returned as fp32 [BLOCK_N, BLOCK_K // 16]."""
-    if HALF:
+    and the conversion is dear, as for fp8)."""
+    if X_VECTOR:
         x = tl.load(x_ptr + row * stride_xm + offs_k, mask=k_mask & (row < M))
-        p = (x.to(tl.float16) * 0.00390625)[None, :] * w
-        if TAIL:
-            p = tl.where(mask, p, tl.zeros_like(p))
-        r = tl.sum(tl.reshape(p, (p.shape[0], p.shape[1] // 16, 16)), axis=2).to(tl.float32)
-    elif X_VECTOR:
-        x = tl.load(x_ptr + row * stride_xm + offs_k, mask=k_mask & (row < M))
-        r = _to_f32(x)[None, :] * w
-    else:
-        x = tl.load(x_ptr + row * stride_xm + x_offs, mask=mask & (row < M))
-        r = _to_f32(x) * w
-    return r
+        return _to_f32(x)[None, :] * w
+    x = tl.load(x_ptr + row * stride_xm + x_offs, mask=mask & (row < M))
+    return _to_f32(x) * w
 
 
 @triton.jit
 def _tile_products(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, x_offs, offs_k, w, mask, k_mask,
-                   X_VECTOR: tl.constexpr, BLOCK_M: tl.constexpr, TAIL: tl.constexpr, HALF: tl.constexpr):
+                   X_VECTOR: tl.constexpr, BLOCK_M: tl.constexpr, TAIL: tl.constexpr):
     """Each row's products with one weight tile added to its accumulator; ``TAIL`` zeroes the lanes past K
-    with ``where`` (a masked load has no defined value, and fp8 has no literal zero for ``other``; ``HALF``
-    zeroes them before its f16 sums)."""
-    CLEAR: tl.constexpr = TAIL and not HALF
-    p = _row_product(x_ptr, stride_xm, 0, M, x_offs, offs_k, w, mask, k_mask, X_VECTOR, HALF, TAIL)
-    acc0 += tl.where(mask, p, 0.0) if CLEAR else p
+    with ``where`` (a masked load has no defined value, and fp8 has no literal zero for ``other``)."""
+    p = _row_product(x_ptr, stride_xm, 0, M, x_offs, offs_k, w, mask, k_mask, X_VECTOR)
+    acc0 += tl.where(mask, p, 0.0) if TAIL else p
     if BLOCK_M > 1:
-        p = _row_product(x_ptr, stride_xm, 1, M, x_offs, offs_k, w, mask, k_mask, X_VECTOR, HALF, TAIL)
-        acc1 += tl.where(mask, p, 0.0) if CLEAR else p
+        p = _row_product(x_ptr, stride_xm, 1, M, x_offs, offs_k, w, mask, k_mask, X_VECTOR)
+        acc1 += tl.where(mask, p, 0.0) if TAIL else p
     if BLOCK_M > 2:
-        p = _row_product(x_ptr, stride_xm, 2, M, x_offs, offs_k, w, mask, k_mask, X_VECTOR, HALF, TAIL)
-        acc2 += tl.where(mask, p, 0.0) if CLEAR else p
-        p = _row_product(x_ptr, stride_xm, 3, M, x_offs, offs_k, w, mask, k_mask, X_VECTOR, HALF, TAIL)
-        acc3 += tl.where(mask, p, 0.0) if CLEAR else p
+        p = _row_product(x_ptr, stride_xm, 2, M, x_offs, offs_k, w, mask, k_mask, X_VECTOR)
+        acc2 += tl.where(mask, p, 0.0) if TAIL else p
+        p = _row_product(x_ptr, stride_xm, 3, M, x_offs, offs_k, w, mask, k_mask, X_VECTOR)
+        acc3 += tl.where(mask, p, 0.0) if TAIL else p
     return acc0, acc1, acc2, acc3
 
 
@@ -162,7 +134,7 @@ def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, M, N, K, s
                  stride_om, eps, X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
                  NORM: tl.constexpr, RESIDUAL: tl.constexpr, EVICT_FIRST: tl.constexpr, X_VECTOR: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-                 STAGES: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr):
+                 STAGES: tl.constexpr, PDL: tl.constexpr):
     """``BLOCK_N`` output channels for all ``M`` (<= ``BLOCK_M`` <= 4) rows: every weight byte is read once,
     one element-wise accumulator per row. Whole K tiles run unmasked; the ragged tail (K % BLOCK_K, e.g.
     Llama's 11,008) is masked. ``PREFETCH`` (PDL, K >= BLOCK_K): the first weight tile is loaded before
@@ -180,63 +152,60 @@ def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, M, N, K, s
     x_offs = offs_n[:, None] * 0 + offs_k[None, :]
     full = n_mask[:, None] & (offs_k[None, :] >= 0)
     k_all = offs_k >= 0
-    SPAN: tl.constexpr = 16 if HALF else 1  # products summed per accumulator lane per tile
-    acc0 = tl.zeros((BLOCK_N, BLOCK_K // SPAN), tl.float32)
-    acc1 = tl.zeros((BLOCK_N, BLOCK_K // SPAN), tl.float32)
-    acc2 = tl.zeros((BLOCK_N, BLOCK_K // SPAN), tl.float32)
-    acc3 = tl.zeros((BLOCK_N, BLOCK_K // SPAN), tl.float32)
+    acc0 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     sq0 = tl.zeros((BLOCK_K,), tl.float32)
     sq1 = tl.zeros((BLOCK_K,), tl.float32)
     sq2 = tl.zeros((BLOCK_K,), tl.float32)
     sq3 = tl.zeros((BLOCK_K,), tl.float32)
     k_full = K - K % BLOCK_K
     if PREFETCH:
-        w = _weights(_weight_tile(w_ptr, w_offs, full, EVICT_FIRST), HALF)
+        w = _to_f32(_weight_tile(w_ptr, w_offs, full, EVICT_FIRST))
         pdl_wait(PDL)
         acc0, acc1, acc2, acc3 = _tile_products(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, x_offs, offs_k, w,
-                                                full, k_all, X_VECTOR, BLOCK_M, False, HALF)
+                                                full, k_all, X_VECTOR, BLOCK_M, False)
         if NORM:
             sq0, sq1, sq2, sq3 = _row_squares(sq0, sq1, sq2, sq3, x_ptr, stride_xm, M, offs_k, k_all, BLOCK_M)
     else:
         pdl_wait(PDL)
     for k0 in tl.range(BLOCK_K if PREFETCH else 0, k_full, BLOCK_K, num_stages=STAGES):
-        w = _weights(_weight_tile(w_ptr + k0, w_offs, full, EVICT_FIRST), HALF)
+        w = _to_f32(_weight_tile(w_ptr + k0, w_offs, full, EVICT_FIRST))
         acc0, acc1, acc2, acc3 = _tile_products(acc0, acc1, acc2, acc3, x_ptr + k0, stride_xm, M, x_offs, offs_k, w,
-                                                full, k_all, X_VECTOR, BLOCK_M, False, HALF)
+                                                full, k_all, X_VECTOR, BLOCK_M, False)
         if NORM:
             sq0, sq1, sq2, sq3 = _row_squares(sq0, sq1, sq2, sq3, x_ptr + k0, stride_xm, M, offs_k, k_all, BLOCK_M)
     if k_full < K:
         k_tail = (k_full + offs_k) < K
         tail = n_mask[:, None] & k_tail[None, :]
-        w = _weights(tl.load(w_ptr + k_full + w_offs, mask=tail), HALF)
+        w = _to_f32(tl.load(w_ptr + k_full + w_offs, mask=tail))
         acc0, acc1, acc2, acc3 = _tile_products(acc0, acc1, acc2, acc3, x_ptr + k_full, stride_xm, M, x_offs,
-                                                offs_k, w, tail, k_tail, X_VECTOR, BLOCK_M, True, HALF)
+                                                offs_k, w, tail, k_tail, X_VECTOR, BLOCK_M, True)
         if NORM:
             sq0, sq1, sq2, sq3 = _row_squares(sq0, sq1, sq2, sq3, x_ptr + k_full, stride_xm, M, offs_k, k_tail,
                                               BLOCK_M)
     ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0) if W_SCALED else None
     bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) if HAS_BIAS else None
     _store_row(acc0, sq0, 0, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om, offs_n, n_mask,
-               X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL, HALF)
+               X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL)
     if BLOCK_M > 1:
         _store_row(acc1, sq1, 1, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om, offs_n,
-                   n_mask, X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL, HALF)
+                   n_mask, X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL)
     if BLOCK_M > 2:
         _store_row(acc2, sq2, 2, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om, offs_n,
-                   n_mask, X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL, HALF)
+                   n_mask, X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL)
         _store_row(acc3, sq3, 3, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om, offs_n,
-                   n_mask, X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL, HALF)
+                   n_mask, X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL)
 
 
 @triton.jit
 def _store_row(acc, sq, row: tl.constexpr, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om,
                offs_n, n_mask, X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
-               NORM: tl.constexpr, RESIDUAL: tl.constexpr, HALF: tl.constexpr):
+               NORM: tl.constexpr, RESIDUAL: tl.constexpr):
     """Epilogue of one row: channel scale, token scale, RMS scale, bias, residual, cast, store (rows past ``M``
-    are skipped); ``HALF`` undoes its 2^-8 activation scale."""
+    are skipped)."""
     y = tl.sum(acc, axis=1)
-    if HALF:
-        y = y * 256.0
     if W_SCALED:
         y = y * ws
     if X_SCALED:
@@ -316,7 +285,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     bk = max(64, t["block_k"] // bm)  # bm accumulators of bn x bk: keep them in registers
     dummy = weight
     pdl = pdl_args(x)
-    half = bool(TACTICS["q8_half"]) and x_scale is not None and x.dtype == weight.dtype == torch.float8_e4m3fn
     _gemv_kernel[(triton.cdiv(n, bn),)](
         x, x_scale if x_scale is not None else dummy, weight, w_scale if w_scale is not None else dummy,
         bias if bias is not None else dummy, residual if residual is not None else dummy, out, m, n, k,
@@ -325,5 +293,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         HAS_BIAS=bias is not None, NORM=norm_eps is not None, RESIDUAL=residual is not None,
         EVICT_FIRST=bool(TACTICS["evict_first"]) and not _INTERPRET, X_VECTOR=bool(t["x_vector"]), BLOCK_M=bm,
         BLOCK_N=bn, BLOCK_K=bk, PREFETCH=pdl["PDL"] and bool(TACTICS["prefetch"]) and k >= bk,
-        STAGES=t["stages"], HALF=half, num_warps=t["num_warps"], num_stages=t["stages"], **pdl)
+        STAGES=t["stages"], num_warps=t["num_warps"], num_stages=t["stages"], **pdl)
     return out
