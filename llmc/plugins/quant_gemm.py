@@ -64,6 +64,7 @@ TACTICS: dict[str, Any] = {
     "large_num_stages": 3,
     "fuse_act_quant": 0,        # decode rows: quantize fp8/int8 activations inside the GEMM (H100: 1.5x
                                 # slower than the separate kernel, the per-program absmax pass costs more)
+    "act_quant_row": 16384,     # per-token quantization keeps rows up to this wide in registers (one pass)
     "native_dot": 1,            # fp8/int8 activations: dot on the quantized operands (else via bf16)
     "int4_dequant_min_m": 128,  # int4 rows from which the weight is dequantized to bf16 for cuBLAS (0: never)
     "scaled_mm_min_m": 65,      # fp8 rows from which cuBLASLt's FP8 GEMM is used (0 disables). H200, 7B's four
@@ -121,9 +122,20 @@ def act_values(v, out_ty, IS_FP8: tl.constexpr, ROUND_FP8: tl.constexpr):
 @triton.jit
 def _act_quant_kernel(x_ptr, isc_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm,
                       IS_FP8: tl.constexpr, HAS_ISC: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """One row: ``s = absmax(x / isc) / QMAX``, ``q = quantize(x / isc / s)`` as in ``quant_linear``."""
+    """One row: ``s = absmax(x / isc) / QMAX``, ``q = quantize(x / isc / s)`` as in ``quant_linear``.
+    ``BLOCK >= K``: the row stays in registers, one load; else two passes (the second from L2)."""
     pdl_wait(PDL)
     row = tl.program_id(0)
+    if BLOCK >= K:
+        offs = tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+        if HAS_ISC:
+            v = v / tl.load(isc_ptr + offs, mask=offs < K, other=1.0)
+        s = act_scale(tl.max(tl.abs(v), axis=0), IS_FP8)
+        tl.store(s_ptr + row, s)
+        tl.store(q_ptr + row * stride_qm + offs, act_values(v / s, q_ptr.dtype.element_ty, IS_FP8, False),
+                 mask=offs < K)
+        return
     amax = tl.zeros((BLOCK,), tl.float32)
     for k0 in range(0, K, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
@@ -475,9 +487,12 @@ def quantize_activations(x: torch.Tensor, method: str, input_scale: torch.Tensor
         return rows.q, rows.scale
     q, s = empty_rows(m, k, method, x.device)
     if m:
+        # a decode row is one program, on the step's critical path: the whole row in registers (one load)
+        # where the former 1,024-wide loop made 2 * K / 1,024 dependent round trips to memory
+        block = triton.next_power_of_2(k) if k <= TACTICS["act_quant_row"] else 1024
         _act_quant_kernel[(m,)](x, input_scale if input_scale is not None else s, q, s, k, x.stride(0), q.stride(0),
-                                IS_FP8=is_fp8, HAS_ISC=input_scale is not None,
-                                BLOCK=min(1024, triton.next_power_of_2(k)), **pdl_args(x))
+                                IS_FP8=is_fp8, HAS_ISC=input_scale is not None, BLOCK=block,
+                                num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16), **pdl_args(x))
     return q, s
 
 
