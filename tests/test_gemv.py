@@ -112,6 +112,7 @@ def test_qgemm_decode_rows_take_the_gemv_and_match(method, m, x_vector, stages, 
     monkeypatch.setitem(gemv.TACTICS, "q8_block_n", 8)  # several rows per thread, so x_vector broadcasts
     monkeypatch.setitem(gemv.TACTICS, "q8_max_m", 4)
     monkeypatch.setitem(gemv.TACTICS, "w8a8_gemv", 1)
+    monkeypatch.setitem(gemv.TACTICS, "q8_half", 0)  # fp32 products, exact: the f16 ones have their own tests
     layer = make_layer(method, 448, 72, group=0, bias=True, seed=60 + m)
     x = torch.randn(m, 448, generator=_gen(70 + m)) * 2
     out = run_kernel(layer, x)
@@ -123,6 +124,109 @@ def test_qgemm_decode_rows_take_the_gemv_and_match(method, m, x_vector, stages, 
     mma = run_kernel(layer, x)
     torch.testing.assert_close(out, layer(x), atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(out, mma, atol=2e-4, rtol=1e-4)
+
+
+def spy_half(monkeypatch) -> list:
+    """The ``HALF`` constexpr of every GEMV launch from now on (so a test knows the f16 path really ran)."""
+    seen, real = [], gemv._gemv_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs["HALF"])
+                return real[grid](*args, **kwargs)
+            return launch
+    monkeypatch.setattr(gemv, "_gemv_kernel", Spy())
+    return seen
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("stages", [1, 3])
+def test_fp8_gemv_with_f16_products_matches(m, stages, monkeypatch):
+    """``q8_half``: e4m3 rows times e4m3 weights multiplied in f16 and summed 16 at a time. Exact products,
+    f16 partial sums: within 1e-3 of the largest output of the fp32 GEMV (and of the reference), ragged K
+    tail and a masked row included."""
+    for prefix in ("q8_", "h8_"):  # the fp32 products' tiles and the f16 products' own
+        monkeypatch.setitem(gemv.TACTICS, prefix + "block_k", 128)
+        monkeypatch.setitem(gemv.TACTICS, prefix + "block_n", 8)
+        monkeypatch.setitem(gemv.TACTICS, prefix + "stages", stages)
+    monkeypatch.setitem(gemv.TACTICS, "q8_max_m", 4)
+    layer = make_layer("fp8", 448, 72, group=0, bias=True, seed=75 + m)  # 448: three tiles and a half
+    x = torch.randn(m, 448, generator=_gen(76 + m)) * 3
+    monkeypatch.setitem(gemv.TACTICS, "q8_half", 0)
+    seen = spy_half(monkeypatch)
+    exact = run_kernel(layer, x)
+    monkeypatch.setitem(gemv.TACTICS, "q8_half", 1)
+    half = run_kernel(layer, x)
+    assert seen == [False, True], seen  # both rows went through the GEMV, the second in f16
+    scale = exact.abs().max().item()
+    torch.testing.assert_close(half, exact, atol=1e-3 * scale, rtol=0)  # measured: 1.7e-4 of the largest
+    if not CUDA:  # on the GPU activations may round to a neighbouring e4m3 value (test_quant_gemm's flips);
+        torch.testing.assert_close(half, layer(x), atol=1e-3 * scale, rtol=0)  # there exact is the check
+
+
+def test_fp8_gemv_f16_products_do_not_overflow_at_the_largest_values(monkeypatch):
+    """Every product at e4m3's largest magnitude (448 x 448 before the 2^-8 prescale): the f16 sums of 16 stay
+    finite and exact, and the result equals the fp32 GEMV's."""
+    from llmc.plugins.act_quant import quantize_rows
+
+    monkeypatch.setitem(gemv.TACTICS, "q8_block_k", 128)
+    monkeypatch.setitem(gemv.TACTICS, "h8_block_k", 128)
+    n, k = 40, 512
+    qw = torch.full((n, k), 448.0).to(torch.float8_e4m3fn)
+    ws = torch.full((n,), 1e-3)
+    x = torch.full((1, k), 7.0)
+    q = torch.full((1, k), 448.0).to(torch.float8_e4m3fn)
+    xs = torch.full((1,), 7.0 / 448)
+    if CUDA:  # the interpreter's fp32 -> e4m3 rounding is wrong at binade edges; 448 itself is exact
+        rows = quantize_rows(x.to(DEV).bfloat16(), "fp8", None)
+        q, xs = rows.q, rows.scale
+    outs, seen = [], spy_half(monkeypatch)
+    for half in (0, 1):
+        monkeypatch.setitem(gemv.TACTICS, "q8_half", half)
+        outs.append(gemv.gemv(q.to(DEV), qw.to(DEV), None, xs.to(DEV).float(), ws.to(DEV), torch.float32).cpu())
+    assert seen == [False, True] and torch.isfinite(outs[1]).all()
+    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=1e-6)
+    torch.testing.assert_close(outs[0], torch.full((1, n), 448.0 * k * 7.0 * 1e-3), rtol=1e-5, atol=0)
+
+
+def test_f16_products_take_their_own_tiles_and_only_fp8_by_fp8(monkeypatch):
+    """``h8_*`` tiles apply to fp8 rows against fp8 weights with ``q8_half`` on; int8 weights (whatever the
+    rows), and fp8 with it off, keep the ``q8_*`` tiles and fp32 products; a tuned shape entry wins over both."""
+    fp8, bf16 = torch.float8_e4m3fn, torch.bfloat16
+    monkeypatch.setitem(gemv.TACTICS, "q8_half", 1)
+    monkeypatch.setitem(gemv.TACTICS, "h8_block_k", 2048)
+    monkeypatch.setitem(gemv.TACTICS, "q8_block_k", 256)
+    assert gemv.half_products(fp8, fp8) and not gemv.half_products(bf16, torch.int8)
+    assert not gemv.half_products(torch.int8, torch.int8)
+    assert gemv.shape_tactics(1, 64, 64, half=True)["block_k"] == 2048
+    assert gemv.shape_tactics(1, 64, 64)["block_k"] == 256
+    monkeypatch.setitem(gemv.TACTICS, "per_shape", {"64x64": {"block_k": 512, "stages": 3}})
+    assert gemv.shape_tactics(1, 64, 64, half=True)["block_k"] == 512
+    monkeypatch.setitem(gemv.TACTICS, "q8_half", 0)
+    assert not gemv.half_products(fp8, fp8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("n,k", [(12288, 4096), (4096, 11008)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_fp8_f16_products_llama_shapes_gpu(n, k, m, monkeypatch):
+    """Llama-2-7B's QKV and down projection (K ragged for 1,024-wide tiles) in fp8 at the f16 products'
+    default tiles, up to 4 rows: within 1e-3 of the largest output of the fp32 products on the same rows."""
+    from llmc.plugins.act_quant import quantize_rows
+
+    monkeypatch.setitem(gemv.TACTICS, "q8_max_m", 4)
+    g = torch.Generator(device="cuda").manual_seed(n + m)
+    rows = quantize_rows(torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16), "fp8", None)
+    w = (torch.randn(n, k, device="cuda", generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    ws = torch.rand(n, device="cuda", generator=g) * 1e-3
+    outs = []
+    for half in (0, 1):
+        monkeypatch.setitem(gemv.TACTICS, "q8_half", half)
+        outs.append(gemv.gemv(rows.q, w, None, rows.scale, ws, torch.float32))
+    scale = outs[0].abs().max().item()
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-3 * scale, rtol=0)
 
 
 def test_qgemm_quantized_rows_in_bf16(monkeypatch):

@@ -57,19 +57,28 @@ def test_qgemm_matches_reference_fp32(method, m):
     ref = layer(x)
     out = run_kernel(layer, x)
     assert out.shape == ref.shape and out.dtype == torch.float32
+    half = f16_products_tolerance(method, m, ref)
     if method in ("fp8", "w8a8") and CUDA:
-        assert_close_up_to_activation_flips(out, ref, x, layer)
+        assert_close_up_to_activation_flips(out, ref, x, layer, half)
     else:
-        torch.testing.assert_close(out, ref, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(out, ref, atol=2e-4 + half, rtol=1e-4)
 
 
-def assert_close_up_to_activation_flips(out, ref, x, layer) -> None:
+def f16_products_tolerance(method: str, m: int, ref: torch.Tensor) -> float:
+    """The extra absolute error where fp8 rows take the GEMV's f16 products (``gemv`` ``q8_half``: runs of 16
+    exact products summed in f16): 1e-3 of the largest output (measured 1.7e-4; test_gemv holds it there)."""
+    if method == "fp8" and m <= gemv.TACTICS["q8_max_m"] and gemv.TACTICS["q8_half"]:
+        return 1e-3 * ref.abs().max().item()
+    return 0.0
+
+
+def assert_close_up_to_activation_flips(out, ref, x, layer, extra: float = 0.0) -> None:
     """Activation-quantizing GEMMs on the GPU: ``x / scale`` there can differ from the CPU's in the last ulp
     and so land an activation on the neighbouring 8-bit grid point (measured: 5 of 5,600 outputs at M=70,
     fp8). Each such flip moves an output by at most one grid step times a weight; everything else must
-    match as tightly as the plain GEMMs."""
+    match as tightly as the plain GEMMs (``extra``: plus a kernel's own rounding, f16_products_tolerance)."""
     diff = (out - ref).abs()
-    tol = 2e-4 + 1e-4 * ref.abs()
+    tol = 2e-4 + extra + 1e-4 * ref.abs()
     xs = x / layer.input_scale if layer.input_scale is not None else x
     amax = xs.abs().amax(-1, keepdim=True)
     step = amax / 448 * 32 if layer.method == "fp8" else amax / 127  # the largest grid step, in xs units
@@ -96,9 +105,12 @@ def test_qgemm_bf16_activations(method, dtype):
 @pytest.mark.parametrize("method", [pytest.param("fp8", marks=pytest.mark.skipif(
     not CUDA, reason="Triton 3.6's interpreter rounds fp32 -> e4m3 wrongly; the fp8 kernel is checked on the GPU")),
     "w8a8"])
-def test_activation_quantization_matches_reference(method):
-    x = torch.randn(7, 200, generator=torch.Generator().manual_seed(3)) * 3
-    isc = torch.rand(200, generator=torch.Generator().manual_seed(4)) + 0.5
+@pytest.mark.parametrize("row_limit", [16384, 64])
+def test_activation_quantization_matches_reference(method, row_limit, monkeypatch):
+    """Rows held in registers (one pass) and rows wider than ``act_quant_row`` (two 1,024-wide passes, ragged)."""
+    monkeypatch.setitem(qg.TACTICS, "act_quant_row", row_limit)
+    x = torch.randn(7, 1500, generator=torch.Generator().manual_seed(3)) * 3
+    isc = torch.rand(1500, generator=torch.Generator().manual_seed(4)) + 0.5
     q, s = qg.quantize_activations(x.to(DEV), method, isc.to(DEV))
     ref_fn = ql.quantize_act_fp8_per_token if method == "fp8" else ql.quantize_act_int8_per_token
     rq, rs = ref_fn(x / isc)

@@ -10,7 +10,9 @@ there is no split-K reduction and no atomics: one launch per linear, grid from h
 Weights are 16-bit/fp32 (the unquantized ``Linear`` and the LM head), or 8-bit (int8 / fp8 e4m3) with a
 per-output-channel scale applied in the epilogue. Activations are float rows, or per-token quantized rows
 (``act_quant.QuantizedRows``: fp8/w8a8) whose scale is applied in the epilogue too, so a quantized product
-``q_x * q_w`` is exact in fp32 and the result equals the reference up to summation order.
+``q_x * q_w`` is exact in fp32 and the result equals the reference up to summation order. fp8 rows against
+fp8 weights multiply in packed f16 by default (``q8_half``): exact products, partial sums of 16 rounded to
+f16 (within 1e-3 of the largest output), for fewer instructions and registers per weight.
 The CPU reference is ``F.linear`` (or ``QuantLinear``'s forward for 8-bit weights).
 """
 from __future__ import annotations
@@ -22,6 +24,8 @@ import triton
 import triton.language as tl
 
 from llmc.plugins.triton_compat import INTERPRET as _INTERPRET, pdl_args, pdl_wait
+
+_PTX = tl.constexpr(not _INTERPRET)  # inline PTX compiles for the GPU; the interpreter has none
 
 TACTICS: dict[str, Any] = {
     # 16-bit / fp32 weights. H200 sweep at one row over Llama-2-7B's four projections (quant_gemm_bench.py
@@ -45,6 +49,16 @@ TACTICS: dict[str, Any] = {
     "q8_num_warps": 4,
     "q8_x_vector": 1,
     "q8_stages": 4,
+    # e4m3 rows times e4m3 weights with the products in packed f16 (_row_product's HALF), with tiles of their
+    # own (h8_*; the activations always load as one vector). Offline sm_90 at 8 x 512: 107 loop instructions
+    # and 64 registers against 155 and 95. H200 engine at batch 1 (BENCHMARKS.md, eighth session): 2.595
+    # ms/step at 8 x 1024 x 4 warps, 4 stages, against 2.757 for fp32 products at the q8_ defaults.
+    "q8_half": 1,
+    "h8_block_n": 8,
+    "h8_block_k": 1024,
+    "h8_num_warps": 4,
+    "h8_x_vector": 1,
+    "h8_stages": 4,
     # W8A8 (int8 activations, SmoothQuant) too: the activations then need converting as well. H200 at one
     # row: 103.9 us against the MMA tiling's 84.8 us, so off unless the tuner finds otherwise.
     "w8a8_gemv": 0,
@@ -71,36 +85,78 @@ def _to_f32(v):
     return v.to(tl.float32)
 
 
+_E4M3_TO_F16_PTX = tl.constexpr("{ .reg .b16 l, h;\nmov.b32 {l, h}, $2;\ncvt.rn.f16x2.e4m3x2 $0, l;\n"
+                                  "cvt.rn.f16x2.e4m3x2 $1, h;\n}")
+
+
+@triton.jit
+def _e4m3_to_f16(v):
+    """e4m3 to f16 (exact). On the GPU four bytes at a time from the register they were loaded into, two
+    ``cvt.rn.f16x2.e4m3x2``: Triton's own conversion first moves every byte pair apart with a ``PRMT``."""
+    if _PTX:
+        r = tl.inline_asm_elementwise(_E4M3_TO_F16_PTX, "=r,=r,r", [v], dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        r = v.to(tl.float16)
+    return r
+
+
+@triton.jit
+def _weights(v, HALF: tl.constexpr):
+    """A loaded weight tile as the products want it: f16 for ``HALF`` (e4m3 converts exactly), else fp32."""
+    if HALF:
+        r = _e4m3_to_f16(v)
+    else:
+        r = _to_f32(v)
+    return r
+
+
 @triton.jit
 def _row_product(x_ptr, stride_xm, row: tl.constexpr, M, x_offs, offs_k, w, mask, k_mask,
-                 X_VECTOR: tl.constexpr):
+                 X_VECTOR: tl.constexpr, HALF: tl.constexpr, TAIL: tl.constexpr):
     """Row ``row``'s activations times the weight tile. Loaded in the tile's own [BLOCK_N, BLOCK_K] shape
     (every weight row reads the same addresses, served by L1): no layout conversion through shared memory,
     but each is converted once per weight. ``X_VECTOR``: loaded once as a [BLOCK_K] vector, converted once
     and broadcast over the rows (a shared-memory relayout per tile: pays when a thread holds several rows
-    and the conversion is dear, as for fp8)."""
-    if X_VECTOR:
+    and the conversion is dear, as for fp8).
+    ``HALF`` (e4m3 rows times e4m3 weights): the products in packed f16 (``HFMA2``, two per instruction, where
+    fp32 needs a conversion and an FMA per weight), the activations scaled by 2^-8 first (exact) so that a
+    product is at most 784 and is exact; each run of 16 along K is summed in f16 (at most 12,544, no
+    overflow; ~2^-11 relative rounding, far below e4m3's 2^-4) as two chains, even and odd k, so the packed
+    adds pair neighbours that share a register (one chain per run made the compiler pair rows instead, a
+    ``PRMT`` per ``HFMA2``); returned as fp32 [BLOCK_N, BLOCK_K // 16]."""
+    if HALF:
         x = tl.load(x_ptr + row * stride_xm + offs_k, mask=k_mask & (row < M))
-        return _to_f32(x)[None, :] * w
-    x = tl.load(x_ptr + row * stride_xm + x_offs, mask=mask & (row < M))
-    return _to_f32(x) * w
+        p = (x.to(tl.float16) * 0.00390625)[None, :] * w
+        if TAIL:
+            p = tl.where(mask, p, tl.zeros_like(p))
+        pairs = tl.sum(tl.reshape(p, (p.shape[0], p.shape[1] // 16, 8, 2)), axis=2)  # even and odd k apart
+        r = tl.sum(pairs.to(tl.float32), axis=2)
+    elif X_VECTOR:
+        x = tl.load(x_ptr + row * stride_xm + offs_k, mask=k_mask & (row < M))
+        r = _to_f32(x)[None, :] * w
+    else:
+        x = tl.load(x_ptr + row * stride_xm + x_offs, mask=mask & (row < M))
+        r = _to_f32(x) * w
+    return r
 
 
 @triton.jit
 def _tile_products(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, x_offs, offs_k, w, mask, k_mask,
-                   X_VECTOR: tl.constexpr, BLOCK_M: tl.constexpr, TAIL: tl.constexpr):
+                   X_VECTOR: tl.constexpr, BLOCK_M: tl.constexpr, TAIL: tl.constexpr, HALF: tl.constexpr):
     """Each row's products with one weight tile added to its accumulator; ``TAIL`` zeroes the lanes past K
-    with ``where`` (a masked load has no defined value, and fp8 has no literal zero for ``other``)."""
-    p = _row_product(x_ptr, stride_xm, 0, M, x_offs, offs_k, w, mask, k_mask, X_VECTOR)
-    acc0 += tl.where(mask, p, 0.0) if TAIL else p
+    with ``where`` (a masked load has no defined value, and fp8 has no literal zero for ``other``; ``HALF``
+    zeroes them before its f16 sums)."""
+    CLEAR: tl.constexpr = TAIL and not HALF
+    p = _row_product(x_ptr, stride_xm, 0, M, x_offs, offs_k, w, mask, k_mask, X_VECTOR, HALF, TAIL)
+    acc0 += tl.where(mask, p, 0.0) if CLEAR else p
     if BLOCK_M > 1:
-        p = _row_product(x_ptr, stride_xm, 1, M, x_offs, offs_k, w, mask, k_mask, X_VECTOR)
-        acc1 += tl.where(mask, p, 0.0) if TAIL else p
+        p = _row_product(x_ptr, stride_xm, 1, M, x_offs, offs_k, w, mask, k_mask, X_VECTOR, HALF, TAIL)
+        acc1 += tl.where(mask, p, 0.0) if CLEAR else p
     if BLOCK_M > 2:
-        p = _row_product(x_ptr, stride_xm, 2, M, x_offs, offs_k, w, mask, k_mask, X_VECTOR)
-        acc2 += tl.where(mask, p, 0.0) if TAIL else p
-        p = _row_product(x_ptr, stride_xm, 3, M, x_offs, offs_k, w, mask, k_mask, X_VECTOR)
-        acc3 += tl.where(mask, p, 0.0) if TAIL else p
+        p = _row_product(x_ptr, stride_xm, 2, M, x_offs, offs_k, w, mask, k_mask, X_VECTOR, HALF, TAIL)
+        acc2 += tl.where(mask, p, 0.0) if CLEAR else p
+        p = _row_product(x_ptr, stride_xm, 3, M, x_offs, offs_k, w, mask, k_mask, X_VECTOR, HALF, TAIL)
+        acc3 += tl.where(mask, p, 0.0) if CLEAR else p
     return acc0, acc1, acc2, acc3
 
 
@@ -134,7 +190,7 @@ def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, M, N, K, s
                  stride_om, eps, X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
                  NORM: tl.constexpr, RESIDUAL: tl.constexpr, EVICT_FIRST: tl.constexpr, X_VECTOR: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-                 STAGES: tl.constexpr, PDL: tl.constexpr):
+                 STAGES: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr):
     """``BLOCK_N`` output channels for all ``M`` (<= ``BLOCK_M`` <= 4) rows: every weight byte is read once,
     one element-wise accumulator per row. Whole K tiles run unmasked; the ragged tail (K % BLOCK_K, e.g.
     Llama's 11,008) is masked. ``PREFETCH`` (PDL, K >= BLOCK_K): the first weight tile is loaded before
@@ -152,60 +208,63 @@ def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, M, N, K, s
     x_offs = offs_n[:, None] * 0 + offs_k[None, :]
     full = n_mask[:, None] & (offs_k[None, :] >= 0)
     k_all = offs_k >= 0
-    acc0 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    acc1 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    acc3 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    SPAN: tl.constexpr = 16 if HALF else 1  # products summed per accumulator lane per tile
+    acc0 = tl.zeros((BLOCK_N, BLOCK_K // SPAN), tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_K // SPAN), tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K // SPAN), tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_K // SPAN), tl.float32)
     sq0 = tl.zeros((BLOCK_K,), tl.float32)
     sq1 = tl.zeros((BLOCK_K,), tl.float32)
     sq2 = tl.zeros((BLOCK_K,), tl.float32)
     sq3 = tl.zeros((BLOCK_K,), tl.float32)
     k_full = K - K % BLOCK_K
     if PREFETCH:
-        w = _to_f32(_weight_tile(w_ptr, w_offs, full, EVICT_FIRST))
+        w = _weights(_weight_tile(w_ptr, w_offs, full, EVICT_FIRST), HALF)
         pdl_wait(PDL)
         acc0, acc1, acc2, acc3 = _tile_products(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, x_offs, offs_k, w,
-                                                full, k_all, X_VECTOR, BLOCK_M, False)
+                                                full, k_all, X_VECTOR, BLOCK_M, False, HALF)
         if NORM:
             sq0, sq1, sq2, sq3 = _row_squares(sq0, sq1, sq2, sq3, x_ptr, stride_xm, M, offs_k, k_all, BLOCK_M)
     else:
         pdl_wait(PDL)
     for k0 in tl.range(BLOCK_K if PREFETCH else 0, k_full, BLOCK_K, num_stages=STAGES):
-        w = _to_f32(_weight_tile(w_ptr + k0, w_offs, full, EVICT_FIRST))
+        w = _weights(_weight_tile(w_ptr + k0, w_offs, full, EVICT_FIRST), HALF)
         acc0, acc1, acc2, acc3 = _tile_products(acc0, acc1, acc2, acc3, x_ptr + k0, stride_xm, M, x_offs, offs_k, w,
-                                                full, k_all, X_VECTOR, BLOCK_M, False)
+                                                full, k_all, X_VECTOR, BLOCK_M, False, HALF)
         if NORM:
             sq0, sq1, sq2, sq3 = _row_squares(sq0, sq1, sq2, sq3, x_ptr + k0, stride_xm, M, offs_k, k_all, BLOCK_M)
     if k_full < K:
         k_tail = (k_full + offs_k) < K
         tail = n_mask[:, None] & k_tail[None, :]
-        w = _to_f32(tl.load(w_ptr + k_full + w_offs, mask=tail))
+        w = _weights(tl.load(w_ptr + k_full + w_offs, mask=tail), HALF)
         acc0, acc1, acc2, acc3 = _tile_products(acc0, acc1, acc2, acc3, x_ptr + k_full, stride_xm, M, x_offs,
-                                                offs_k, w, tail, k_tail, X_VECTOR, BLOCK_M, True)
+                                                offs_k, w, tail, k_tail, X_VECTOR, BLOCK_M, True, HALF)
         if NORM:
             sq0, sq1, sq2, sq3 = _row_squares(sq0, sq1, sq2, sq3, x_ptr + k_full, stride_xm, M, offs_k, k_tail,
                                               BLOCK_M)
     ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0) if W_SCALED else None
     bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) if HAS_BIAS else None
     _store_row(acc0, sq0, 0, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om, offs_n, n_mask,
-               X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL)
+               X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL, HALF)
     if BLOCK_M > 1:
         _store_row(acc1, sq1, 1, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om, offs_n,
-                   n_mask, X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL)
+                   n_mask, X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL, HALF)
     if BLOCK_M > 2:
         _store_row(acc2, sq2, 2, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om, offs_n,
-                   n_mask, X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL)
+                   n_mask, X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL, HALF)
         _store_row(acc3, sq3, 3, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om, offs_n,
-                   n_mask, X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL)
+                   n_mask, X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL, HALF)
 
 
 @triton.jit
 def _store_row(acc, sq, row: tl.constexpr, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om,
                offs_n, n_mask, X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
-               NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+               NORM: tl.constexpr, RESIDUAL: tl.constexpr, HALF: tl.constexpr):
     """Epilogue of one row: channel scale, token scale, RMS scale, bias, residual, cast, store (rows past ``M``
-    are skipped)."""
+    are skipped); ``HALF`` undoes its 2^-8 activation scale."""
     y = tl.sum(acc, axis=1)
+    if HALF:
+        y = y * 256.0
     if W_SCALED:
         y = y * ws
     if X_SCALED:
@@ -229,19 +288,27 @@ def shape_key(n: int, k: int) -> str:
     return f"{n}x{k}"
 
 
-def _width_key(name: str, weight_bytes: int) -> str:
-    """The 16-bit or 8-bit (``q8_``) default's key for ``name``."""
-    return "q8_" + name if weight_bytes == 1 else name
+def _width_key(name: str, weight_bytes: int, half: bool = False) -> str:
+    """The 16-bit, 8-bit (``q8_``) or f16-products (``h8_``, tiles only) default's key for ``name``."""
+    if weight_bytes != 1:
+        return name
+    return ("h8_" if half and name in PER_SHAPE_KEYS else "q8_") + name
 
 
-def shape_tactics(weight_bytes: int, n: int, k: int) -> dict[str, int]:
+def half_products(x_dtype: torch.dtype, w_dtype: torch.dtype) -> bool:
+    """Whether rows of ``x_dtype`` against weights of ``w_dtype`` multiply in packed f16 (``q8_half``)."""
+    return bool(TACTICS["q8_half"]) and x_dtype == w_dtype == torch.float8_e4m3fn
+
+
+def shape_tactics(weight_bytes: int, n: int, k: int, half: bool = False) -> dict[str, int]:
     """The GEMV's choice for a ``[n, k]`` weight (``PER_SHAPE_KEYS``): what the tuner stored for the shape,
-    over the defaults of the weight's width. An entry without ``stages`` was tuned before the loop could be
-    pipelined, so its tiles were timed unpipelined and keep that (not the pipelined default)."""
+    over the defaults of the weight's width (``half``: of the f16 products). An entry without ``stages`` was
+    tuned before the loop could be pipelined, so its tiles were timed unpipelined and keep that."""
     tuned = TACTICS["per_shape"].get(shape_key(n, k), {})
     if tuned and "stages" not in tuned:
         tuned = {"stages": 1, **tuned}
-    return {"use": 1, **{key: TACTICS[_width_key(key, weight_bytes)] for key in PER_SHAPE_KEYS[1:]}, **tuned}
+    return {"use": 1, **{key: TACTICS[_width_key(key, weight_bytes, half)] for key in PER_SHAPE_KEYS[1:]},
+            **tuned}
 
 
 def applies(rows: int, weight_bytes: int = 2, n: int = 0, k: int = 0) -> bool:
@@ -280,7 +347,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if m > MAX_ROWS:
         raise ValueError(f"GEMV: {m} rows, at most {MAX_ROWS}; larger batches take the MMA GEMMs")
     bm = triton.next_power_of_2(m)
-    t = shape_tactics(weight.element_size(), n, k)
+    half = x_scale is not None and half_products(x.dtype, weight.dtype)
+    t = shape_tactics(weight.element_size(), n, k, half)
     bn = t["block_n"]
     bk = max(64, t["block_k"] // bm)  # bm accumulators of bn x bk: keep them in registers
     dummy = weight
@@ -293,5 +361,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         HAS_BIAS=bias is not None, NORM=norm_eps is not None, RESIDUAL=residual is not None,
         EVICT_FIRST=bool(TACTICS["evict_first"]) and not _INTERPRET, X_VECTOR=bool(t["x_vector"]), BLOCK_M=bm,
         BLOCK_N=bn, BLOCK_K=bk, PREFETCH=pdl["PDL"] and bool(TACTICS["prefetch"]) and k >= bk,
-        STAGES=t["stages"], num_warps=t["num_warps"], num_stages=t["stages"], **pdl)
+        STAGES=t["stages"], HALF=half, num_warps=t["num_warps"], num_stages=t["stages"], **pdl)
     return out
