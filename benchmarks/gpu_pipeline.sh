@@ -168,6 +168,7 @@ declare -A DLARGS=(
   [fp8_b1_h8w]="/tmp/en-fp8 --batch 1 --steps 128 --profile --tactic gemv.h8_num_warps=8"
   [fp8_b1_h4]="/tmp/en-fp8 --batch 1 --steps 128 --profile --tactic gemv.h8_block_n=4"
   [fp8_b1_hst3]="/tmp/en-fp8 --batch 1 --steps 128 --profile --tactic gemv.h8_stages=3"
+  [fp8_b1_hst6]="/tmp/en-fp8 --batch 1 --steps 128 --profile --tactic gemv.h8_stages=6"
   [fp8_b1_split1]="/tmp/en-fp8 --batch 1 --steps 128 --profile --tactic triton_kernels.decode_num_splits=1"
   [bf16_b1_split1]="/tmp/en-none --batch 1 --steps 128 --profile --tactic triton_kernels.decode_num_splits=1"
   [fp8_b1_unpiped]="/tmp/en-fp8 --batch 1 --steps 128 --profile $Q8_UNPIPED --tactic gemv.q8_half=0"
