@@ -51,8 +51,9 @@ TACTICS: dict[str, Any] = {
     "q8_stages": 4,
     # e4m3 rows times e4m3 weights with the products in packed f16 (_row_product's HALF), with tiles of their
     # own (h8_*; the activations always load as one vector). Offline sm_90 at 8 x 512: 107 loop instructions
-    # and 64 registers against 155 and 95. H200 engine at batch 1 (BENCHMARKS.md, eighth session): 2.595
-    # ms/step at 8 x 1024 x 4 warps, 4 stages, against 2.757 for fp32 products at the q8_ defaults.
+    # and 64 registers against 155 and 95. H200 engine at batch 1 (BENCHMARKS.md, eighth session): 2.565
+    # ms/step at 8 x 1024 x 4 warps, 4 stages, against 2.727 for fp32 products in the same run; 4 x 1024
+    # 2.567, 16 x 1024 2.714, 8 x 2048 3.245, 3 stages 2.659.
     "q8_half": 1,
     "h8_block_n": 8,
     "h8_block_k": 1024,
