@@ -10,6 +10,13 @@ import torch
 
 SMOL_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# Without a GPU the Triton kernels run under the interpreter, which must be chosen before triton is first
+# imported: triton decorates its own jit helpers (tl.cdiv, ...) then, so a module that imported it earlier
+# without the switch (test_sass_offline compiles in a subprocess) left them uncallable from interpreted
+# kernels in every later test. Set here, before any test module loads, the suite no longer depends on order.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def cuda_available() -> bool:
     return torch.cuda.is_available()
