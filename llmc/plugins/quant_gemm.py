@@ -38,7 +38,7 @@ from llmc.plugins import gemv
 from llmc.plugins.gemv import small_int_to_f32
 from llmc.plugins.act_quant import (QUANTIZED_INPUT_METHODS, QuantizedRows, check_quantized_input, empty_rows,
                                     quantize_rows)
-from llmc.plugins.triton_compat import INTERPRET as _INTERPRET, pdl_args, pdl_wait
+from llmc.plugins.triton_compat import INTERPRET as _INTERPRET, pdl_args, pdl_wait, row_warps
 
 TACTICS: dict[str, Any] = {
     "gemv_max_m": 2,            # int4 rows up to this run one CUDA-core GEMV per row
@@ -492,7 +492,7 @@ def quantize_activations(x: torch.Tensor, method: str, input_scale: torch.Tensor
         block = triton.next_power_of_2(k) if k <= TACTICS["act_quant_row"] else 1024
         _act_quant_kernel[(m,)](x, input_scale if input_scale is not None else s, q, s, k, x.stride(0), q.stride(0),
                                 IS_FP8=is_fp8, HAS_ISC=input_scale is not None, BLOCK=block,
-                                num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16), **pdl_args(x))
+                                num_warps=row_warps(block), **pdl_args(x))
     return q, s
 
 

@@ -40,6 +40,12 @@ if INTERPRET:
     _fix_interpreter_scalar_index()
 
 
+def row_warps(block: int) -> int:
+    """Warps for a kernel that holds one ``block``-wide row in registers (a norm, SwiGLU or quantization of
+    a decode row): about 32 values per thread at the widest, so the row never spills."""
+    return 4 if block <= 2048 else (8 if block <= 8192 else 16)
+
+
 # ---------------------------------------------------------------------------- programmatic dependent launch
 # On Hopper (sm_90+) a kernel launched with PDL may start while the previous one finishes: its programs are
 # placed on the SMs the tail of the previous grid leaves idle and wait there (``griddepcontrol.wait``) for it

@@ -39,7 +39,7 @@ from llmc.plugins import gemv, reference
 from llmc.plugins.act_quant import QuantizedRows, empty_rows
 from llmc.plugins.kv_layout import KV_QMAX
 from llmc.plugins.metadata import AttentionMetadata
-from llmc.plugins.triton_compat import INTERPRET as _INTERPRET, pdl_args, pdl_wait
+from llmc.plugins.triton_compat import INTERPRET as _INTERPRET, pdl_args, pdl_wait, row_warps
 from llmc.plugins.ops import register
 from llmc.plugins.quant_gemm import act_scale, act_values, round_e4m3
 
@@ -705,7 +705,7 @@ def _rms(x, residual, weight, eps, method=None, input_scale=None):
                                   input_scale if input_scale is not None else weight, s if s is not None else weight,
                                   eps, x2.stride(0), r2.stride(0), N=N, BLOCK=block, HAS_RES=residual is not None,
                                   QUANT=method is not None, **_quant_flags(method, input_scale),
-                                  num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16), **pdl_args(x2))
+                                  num_warps=row_warps(block), **pdl_args(x2))
     normed = QuantizedRows(q, s, x.dtype) if q is not None else out.view(x.shape)
     return normed, res_out.view(x.shape)
 
@@ -827,7 +827,7 @@ def silu_and_mul_quant(x, method: str, input_scale=None) -> QuantizedRows:
     if x2.shape[0]:
         _silu_mul_quant_kernel[(x2.shape[0],)](x2, input_scale if input_scale is not None else s, q, s, x2.stride(0),
                                                I=I, BLOCK=block, **_quant_flags(method, input_scale),
-                                               num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16),
+                                               num_warps=row_warps(block),
                                                **pdl_args(x2))
     return QuantizedRows(q, s, x.dtype)
 
