@@ -182,12 +182,13 @@ def _gemv_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: t
             return lambda: _with_tactics("gemv", {"w8a8_gemv": 1}, lambda: fn(x))
         return lambda: fn(x)
     fams, seen = [], set()
+    fp8 = torch.float8_e4m3fn  # fp8 rows against fp8 weights take the f16 products' default tiles
+    half = method == "fp8" and gemv.half_products(fp8, fp8)
     for n, k, wb, fn in calls + [head]:
         if gemv.shape_key(n, k) in seen:  # e.g. a square O projection as wide as the vocabulary: one choice
             continue
         seen.add(gemv.shape_key(n, k))
-        fp8 = torch.float8_e4m3fn  # fp8 rows against fp8 weights: the f16-products defaults
-        defaults = gemv.shape_tactics(wb, n, k, half=method == "fp8" and gemv.half_products(fp8, fp8))
+        defaults = gemv.shape_tactics(wb, n, k, half)
         off = (0, *(defaults[key] for key in gemv.PER_SHAPE_KEYS[1:]))  # the GEMM it replaces
         tiles = [(1, bn, bk, w, xv, 1) for bn, bk, w, xv in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (0, 1))
                  if bn > 4 or not xv]  # unpipelined: broadcast activations only pay with several rows per thread
