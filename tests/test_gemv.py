@@ -54,6 +54,21 @@ def test_gemv_matches_linear(dtype, m, k, x_vector, stages, monkeypatch):
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("k", [256, 200, 40])  # whole tiles, a ragged tail after them, only a tail
+@pytest.mark.parametrize("prefetch,tail_first", [(0, 1), (1, 0), (1, 1)])  # no tile before the PDL wait, the first
+def test_gemv_tail_order(k, prefetch, tail_first, monkeypatch):  # whole one, or the ragged tail
+    """With ``prefetch`` the ragged K tail is the tile loaded before the loop; either order sums every tile
+    once (here fp32, so any tile missed or counted twice shows far above the tolerance)."""
+    monkeypatch.setitem(gemv.TACTICS, "block_k", 64)
+    monkeypatch.setitem(gemv.TACTICS, "stages", 3)
+    monkeypatch.setitem(gemv.TACTICS, "prefetch", prefetch)
+    monkeypatch.setitem(gemv.TACTICS, "tail_first", tail_first)  # 32-bit weights: not the f16 products' key
+    x = torch.randn(1, k, generator=_gen(k + 5))
+    w = torch.randn(21, k, generator=_gen(k + 6))
+    out = gemv.gemv(x.to(DEV), w.to(DEV)).cpu()
+    torch.testing.assert_close(out, F.linear(x, w), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("k", [256, 200])

@@ -38,7 +38,11 @@ TACTICS: dict[str, Any] = {
     "num_warps": 4,
     "evict_first": 1,   # weights are read once per step: keep L2 for the activations
     "x_vector": 1,      # activations loaded once per tile and broadcast over its rows (_row_product)
-    "prefetch": 1,      # under PDL, load the first weight tile before waiting for the previous kernel
+    "prefetch": 1,      # load the first weight tile before waiting for the previous kernel (PDL)
+    # That tile is the ragged K tail where there is one (none is then loaded after the loop): the f16 products
+    # only (h8_tail_first). H200 engine at batch 1, one run (BENCHMARKS.md, ninth session): fp8 2.498 / 2.501
+    # ms/step against 2.563 / 2.560, but bf16 3.820 against 3.771 and int8 2.791 against 2.716.
+    "tail_first": 0,
     "stages": 4,        # > 1: the K loop is software-pipelined, tiles copied ahead into shared memory (cp.async)
     # 8-bit (int8 / fp8) weights: the CUDA cores convert every byte. H200, fp8 at one row (sweep-set
     # fp8_m1_stages): 8 x 512 x 4 warps, one activation vector, 4 stages 77.2 us; unpipelined 4 x 256 x 8
@@ -60,6 +64,7 @@ TACTICS: dict[str, Any] = {
     "h8_num_warps": 4,
     "h8_x_vector": 1,
     "h8_stages": 4,
+    "h8_tail_first": 1,
     # W8A8 (int8 activations, SmoothQuant) too: the activations then need converting as well. H200 at one
     # row: 103.9 us against the MMA tiling's 84.8 us, so off unless the tuner finds otherwise.
     "w8a8_gemv": 0,
@@ -191,11 +196,13 @@ def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, M, N, K, s
                  stride_om, eps, X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
                  NORM: tl.constexpr, RESIDUAL: tl.constexpr, EVICT_FIRST: tl.constexpr, X_VECTOR: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-                 STAGES: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr):
+                 STAGES: tl.constexpr, HALF: tl.constexpr, TAIL_FIRST: tl.constexpr, PDL: tl.constexpr):
     """``BLOCK_N`` output channels for all ``M`` (<= ``BLOCK_M`` <= 4) rows: every weight byte is read once,
     one element-wise accumulator per row. Whole K tiles run unmasked; the ragged tail (K % BLOCK_K, e.g.
-    Llama's 11,008) is masked. ``PREFETCH`` (PDL, K >= BLOCK_K): the first weight tile is loaded before
-    waiting for the previous kernel (weights never change), so the stream starts under its tail.
+    Llama's 11,008) is masked. ``PREFETCH``: the first weight tile is loaded before waiting
+    for the previous kernel (weights never change), so the stream starts under its tail; ``TAIL_FIRST``: that
+    tile is the ragged tail where there is one (loaded after the pipelined loop, it costs a memory latency
+    the pipeline does not hide).
     ``NORM``: the rows are RMS-normalized (weight folded into W) by scaling each row's result by its
     ``rsqrt(mean(x^2) + eps)`` (``_row_squares``), so the norm costs no launch of its own.
     ``RESIDUAL``: ``r [M, N]`` is added to the result (the residual stream, no separate add).
@@ -220,21 +227,35 @@ def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, M, N, K, s
     sq3 = tl.zeros((BLOCK_K,), tl.float32)
     k_full = K - K % BLOCK_K
     if PREFETCH:
-        w = _weights(_weight_tile(w_ptr, w_offs, full, EVICT_FIRST), HALF)
-        pdl_wait(PDL)
-        acc0, acc1, acc2, acc3 = _tile_products(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, x_offs, offs_k, w,
-                                                full, k_all, X_VECTOR, BLOCK_M, False, HALF)
-        if NORM:
-            sq0, sq1, sq2, sq3 = _row_squares(sq0, sq1, sq2, sq3, x_ptr, stride_xm, M, offs_k, k_all, BLOCK_M)
+        if TAIL_FIRST and k_full < K:
+            k_tail = (k_full + offs_k) < K
+            tail = n_mask[:, None] & k_tail[None, :]
+            w = _weights(_weight_tile(w_ptr + k_full, w_offs, tail, EVICT_FIRST), HALF)
+            pdl_wait(PDL)
+            acc0, acc1, acc2, acc3 = _tile_products(acc0, acc1, acc2, acc3, x_ptr + k_full, stride_xm, M, x_offs,
+                                                    offs_k, w, tail, k_tail, X_VECTOR, BLOCK_M, True, HALF)
+            if NORM:
+                sq0, sq1, sq2, sq3 = _row_squares(sq0, sq1, sq2, sq3, x_ptr + k_full, stride_xm, M, offs_k, k_tail,
+                                                  BLOCK_M)
+            k_start = 0
+        else:
+            w = _weights(_weight_tile(w_ptr, w_offs, full, EVICT_FIRST), HALF)
+            pdl_wait(PDL)
+            acc0, acc1, acc2, acc3 = _tile_products(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, x_offs, offs_k, w,
+                                                    full, k_all, X_VECTOR, BLOCK_M, False, HALF)
+            if NORM:
+                sq0, sq1, sq2, sq3 = _row_squares(sq0, sq1, sq2, sq3, x_ptr, stride_xm, M, offs_k, k_all, BLOCK_M)
+            k_start = BLOCK_K
     else:
         pdl_wait(PDL)
-    for k0 in tl.range(BLOCK_K if PREFETCH else 0, k_full, BLOCK_K, num_stages=STAGES):
+        k_start = 0
+    for k0 in tl.range(k_start, k_full, BLOCK_K, num_stages=STAGES):
         w = _weights(_weight_tile(w_ptr + k0, w_offs, full, EVICT_FIRST), HALF)
         acc0, acc1, acc2, acc3 = _tile_products(acc0, acc1, acc2, acc3, x_ptr + k0, stride_xm, M, x_offs, offs_k, w,
                                                 full, k_all, X_VECTOR, BLOCK_M, False, HALF)
         if NORM:
             sq0, sq1, sq2, sq3 = _row_squares(sq0, sq1, sq2, sq3, x_ptr + k0, stride_xm, M, offs_k, k_all, BLOCK_M)
-    if k_full < K:
+    if (not PREFETCH or not TAIL_FIRST) and k_full < K:
         k_tail = (k_full + offs_k) < K
         tail = n_mask[:, None] & k_tail[None, :]
         w = _weights(tl.load(w_ptr + k_full + w_offs, mask=tail), HALF)
@@ -352,6 +373,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     t = shape_tactics(weight.element_size(), n, k, half)
     bn = t["block_n"]
     bk = max(64, t["block_k"] // bm)  # bm accumulators of bn x bk: keep them in registers
+    tail_first = bool(TACTICS["h8_tail_first" if half else "tail_first"])
     dummy = weight
     pdl = pdl_args(x)
     _gemv_kernel[(triton.cdiv(n, bn),)](
@@ -361,6 +383,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         float(norm_eps or 0.0), X_SCALED=x_scale is not None, W_SCALED=w_scale is not None,
         HAS_BIAS=bias is not None, NORM=norm_eps is not None, RESIDUAL=residual is not None,
         EVICT_FIRST=bool(TACTICS["evict_first"]) and not _INTERPRET, X_VECTOR=bool(t["x_vector"]), BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_K=bk, PREFETCH=pdl["PDL"] and bool(TACTICS["prefetch"]) and k >= bk,
+        BLOCK_N=bn, BLOCK_K=bk, PREFETCH=bool(TACTICS["prefetch"]) and (tail_first or k >= bk),
+        TAIL_FIRST=tail_first,
         STAGES=t["stages"], HALF=half, num_warps=t["num_warps"], num_stages=t["stages"], **pdl)
     return out
