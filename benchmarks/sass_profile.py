@@ -98,7 +98,7 @@ def kernel_specs() -> dict[str, tuple]:
                      EVICT_FIRST=bool(gt["evict_first"]),
                      BLOCK_M=1, X_VECTOR=bool(d["x_vector"]), BLOCK_N=d["block_n"], BLOCK_K=d["block_k"],
                      PREFETCH=bool(gt["prefetch"]), STAGES=d["stages"], HALF=half,
-                     TAIL_FIRST=bool(gt["h8_tail_first" if half else "tail_first"])),
+                     TAIL_FIRST=gemv.tail_first(half)),
                 d["num_warps"], d["stages"], ("eps",))
     kv8 = {"kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv", "ks_ptr": "*fp32", "vs_ptr": "*fp32"}
     fp8_kv = dict(QUANT=True, QMAX=448.0, IS_INT=False, ROUND_FP8=False)

@@ -322,6 +322,11 @@ def half_products(x_dtype: torch.dtype, w_dtype: torch.dtype) -> bool:
     return bool(TACTICS["q8_half"]) and x_dtype == w_dtype == torch.float8_e4m3fn
 
 
+def tail_first(half: bool) -> bool:
+    """Whether the GEMV loads the ragged K tail as its first tile (``h8_tail_first`` for the f16 products)."""
+    return bool(TACTICS["h8_tail_first" if half else "tail_first"])
+
+
 def shape_tactics(weight_bytes: int, n: int, k: int, half: bool = False) -> dict[str, int]:
     """The GEMV's choice for a ``[n, k]`` weight (``PER_SHAPE_KEYS``): what the tuner stored for the shape,
     over the defaults of the weight's width (``half``: of the f16 products). An entry without ``stages`` was
@@ -373,7 +378,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     t = shape_tactics(weight.element_size(), n, k, half)
     bn = t["block_n"]
     bk = max(64, t["block_k"] // bm)  # bm accumulators of bn x bk: keep them in registers
-    tail_first = bool(TACTICS["h8_tail_first" if half else "tail_first"])
+    tail = tail_first(half)
     dummy = weight
     pdl = pdl_args(x)
     _gemv_kernel[(triton.cdiv(n, bn),)](
@@ -383,7 +388,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         float(norm_eps or 0.0), X_SCALED=x_scale is not None, W_SCALED=w_scale is not None,
         HAS_BIAS=bias is not None, NORM=norm_eps is not None, RESIDUAL=residual is not None,
         EVICT_FIRST=bool(TACTICS["evict_first"]) and not _INTERPRET, X_VECTOR=bool(t["x_vector"]), BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_K=bk, PREFETCH=bool(TACTICS["prefetch"]) and (tail_first or k >= bk),
-        TAIL_FIRST=tail_first,
+        BLOCK_N=bn, BLOCK_K=bk, PREFETCH=bool(TACTICS["prefetch"]) and (tail or k >= bk),
+        TAIL_FIRST=tail,
         STAGES=t["stages"], HALF=half, num_warps=t["num_warps"], num_stages=t["stages"], **pdl)
     return out
