@@ -171,6 +171,8 @@ declare -A DLARGS=(
   [fp8_b1_hst6]="/tmp/en-fp8 --batch 1 --steps 128 --profile --tactic gemv.h8_stages=6"
   [fp8_b1_hst5]="/tmp/en-fp8 --batch 1 --steps 128 --profile --tactic gemv.h8_stages=5"
   [fp8_b1_tl]="/tmp/en-fp8 --batch 1 --steps 128 --profile --tactic gemv.h8_tail_first=0"
+  [bf16_b1_noswiglu]="/tmp/en-none --batch 1 --steps 128 --profile --no-fuse swiglu_gemv"
+  [int8_b1_noswiglu]="/tmp/en-int8 --batch 1 --steps 128 --profile --no-fuse swiglu_gemv"
   [bf16_b1_tf]="/tmp/en-none --batch 1 --steps 128 --profile --tactic gemv.tail_first=1"
   [int8_b1_tf]="/tmp/en-int8 --batch 1 --steps 128 --profile --tactic gemv.tail_first=1"
   [fp8_b1_split1]="/tmp/en-fp8 --batch 1 --steps 128 --profile --tactic triton_kernels.decode_num_splits=1"

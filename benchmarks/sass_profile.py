@@ -88,7 +88,7 @@ def kernel_specs() -> dict[str, tuple]:
 
     t, gt, qt = tk.TACTICS, gemv.TACTICS, qg.TACTICS
     def gemv_spec(w: str, x: str, q8: bool, norm: bool = False, residual: bool = False, half: bool = False,
-                  **tiles) -> tuple:
+                  swiglu: bool = False, **tiles) -> tuple:
         """One decode row at the default tiles of its weight width (``gemv.shape_tactics``, no tuned shapes),
         or at ``tiles`` (PER_SHAPE_KEYS); ``half``: f16 products (fp8 rows and weights, ``q8_half``)."""
         d = {**gemv.shape_tactics(1 if q8 else 2, 0, 0, half), **tiles}
@@ -98,7 +98,7 @@ def kernel_specs() -> dict[str, tuple]:
                      EVICT_FIRST=bool(gt["evict_first"]),
                      BLOCK_M=1, X_VECTOR=bool(d["x_vector"]), BLOCK_N=d["block_n"], BLOCK_K=d["block_k"],
                      PREFETCH=bool(gt["prefetch"]), STAGES=d["stages"], HALF=half,
-                     TAIL_FIRST=gemv.tail_first(half)),
+                     TAIL_FIRST=gemv.tail_first(half), SWIGLU=swiglu),
                 d["num_warps"], d["stages"], ("eps",))
     kv8 = {"kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv", "ks_ptr": "*fp32", "vs_ptr": "*fp32"}
     fp8_kv = dict(QUANT=True, QMAX=448.0, IS_INT=False, ROUND_FP8=False)
@@ -130,6 +130,8 @@ def kernel_specs() -> dict[str, tuple]:
         "gemv bf16": gemv_spec("*bf16", "*bf16", False),
         "gemv bf16, RMS norm fused": gemv_spec("*bf16", "*bf16", False, norm=True),
         "gemv bf16, residual fused": gemv_spec("*bf16", "*bf16", False, residual=True),
+        "gemv bf16, SwiGLU fused": gemv_spec("*bf16", "*bf16", False, swiglu=True),
+        "gemv int8 weights, SwiGLU fused": gemv_spec("*i8", "*bf16", True, swiglu=True),
         "gemv bf16, unpipelined": gemv_spec("*bf16", "*bf16", False, stages=1, block_k=512, x_vector=0),
         "gemv fp8 rows": gemv_spec("*fp8e4nv", "*fp8e4nv", True, half=bool(gt["q8_half"])),
         "gemv fp8 rows, fp32 products": gemv_spec("*fp8e4nv", "*fp8e4nv", True),

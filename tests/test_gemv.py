@@ -20,6 +20,7 @@ pytest.importorskip("triton", reason="triton is not installed: the GEMV kernel c
 
 from llmc.plugins import gemv  # noqa: E402
 from llmc.plugins import quant_gemm as qg  # noqa: E402
+from llmc.plugins import ops, reference  # noqa: E402
 from tests.test_quant_gemm import make_layer, run_kernel  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -67,6 +68,50 @@ def test_gemv_tail_order(k, prefetch, tail_first, monkeypatch):  # whole one, or
     w = torch.randn(21, k, generator=_gen(k + 6))
     out = gemv.gemv(x.to(DEV), w.to(DEV)).cpu()
     torch.testing.assert_close(out, F.linear(x, w), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("k", [256, 200])
+@pytest.mark.parametrize("block_n", [2, 8])  # one gate and one up row per program, or 4 of each
+def test_gemv_swiglu_is_the_separate_kernels(weights, m, k, block_n, monkeypatch):
+    """The SwiGLU in the gate/up GEMV's epilogue (``swiglu``): each program's gate rows and the up rows I
+    below them; the result is the separate GEMV's output put through ``silu_and_mul``, bit for bit (the
+    same per-row sums, rounded to the output dtype before the SwiGLU), and near the fp32 reference. I = 37:
+    the last program has gate rows past I, masked."""
+    key = "q8_block_n" if weights == "int8" else "block_n"
+    monkeypatch.setitem(gemv.TACTICS, key, block_n)
+    monkeypatch.setitem(gemv.TACTICS, "q8_block_k" if weights == "int8" else "block_k", 64 * triton_rows(m))
+    i = 37
+    dtype = torch.float32 if weights == "fp32" else torch.bfloat16
+    x = torch.randn(m, k, generator=_gen(m + 40)).to(dtype)
+    b = (torch.randn(2 * i, generator=_gen(41)) * 0.5).to(dtype)
+    if weights == "int8":
+        w = torch.randint(-127, 128, (2 * i, k), generator=_gen(k + 42), dtype=torch.int8)
+        ws = torch.rand(2 * i, generator=_gen(43)) * 0.01 + 0.001
+        args, ref_w = (w.to(DEV), b.to(DEV), None, ws.to(DEV), dtype), w.float() * ws[:, None]
+    else:
+        w = (torch.randn(2 * i, k, generator=_gen(k + 42)) * 0.05).to(dtype)
+        args, ref_w = (w.to(DEV), b.to(DEV)), w.float()
+    fused = gemv.gemv(x.to(DEV), *args, swiglu=True).cpu()
+    separate = ops.silu_and_mul(gemv.gemv(x.to(DEV), *args)).cpu()  # what the model ran before
+    assert fused.shape == (m, i) and fused.dtype == dtype
+    # on the GPU the separate SwiGLU kernel uses the epilogue's formula: the same bits. Here the CPU reference's
+    # F.silu can differ in the last fp32 bit, and the interpreter's own fp32 -> bf16 cast is not torch's
+    # round-to-nearest (one bf16 step apart)
+    exact = 0 if CUDA else (1e-6 if dtype == torch.float32 else 2 ** -7)
+    torch.testing.assert_close(fused, separate, atol=exact, rtol=exact)
+    ref = reference.silu_and_mul(F.linear(x.float(), ref_w, b.float()))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(fused.float(), ref, atol=tol, rtol=tol)
+
+
+def test_gemv_swiglu_refuses_odd_rows_and_residuals():
+    x = torch.randn(1, 64)
+    with pytest.raises(ValueError, match="even number of gate/up rows"):
+        gemv.gemv(x.to(DEV), torch.randn(7, 64).to(DEV), swiglu=True)
+    with pytest.raises(ValueError, match="no residual"):
+        gemv.gemv(x.to(DEV), torch.randn(8, 64).to(DEV), residual=torch.randn(1, 4).to(DEV), swiglu=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -116,3 +116,35 @@ def test_pdl_chain_at_7b_widths(pdl_switch):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.fixture
+def fusions():
+    from llmc.plugins import ops
+
+    saved = dict(ops.FUSIONS)
+    yield ops.FUSIONS
+    ops.FUSIONS.clear()
+    ops.FUSIONS.update(saved)
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_swiglu_in_the_gemv_gives_the_same_bits(tiny_factory, tmp_path, fusions, quant):
+    """The SwiGLU computed in the gate/up GEMV's epilogue (decode rows, 16-bit and int8 weight-only) against the
+    separate kernel: greedy tokens and logprobs in bf16 are the same bits, in CUDA graphs."""
+    from llmc.build.builder import build
+    from llmc.config import BuildConfig
+    from llmc.convert import convert
+
+    hf, engine = tiny_factory("llama-gqa")
+    if quant:
+        ck = convert(str(hf), tmp_path / "ckpt", dtype="float32", quant=quant)
+        engine = build(ck, tmp_path / "engine", BuildConfig(max_batch_size=16, max_seq_len=256, max_num_tokens=64))
+    prompts = _prompts(3, 17)
+    runs = {}
+    for on in (False, True):
+        fusions["swiglu_gemv"] = on
+        eng = LLMEngine(engine, device="cuda", dtype="bfloat16", show_progress=False)
+        assert eng.runner.model.layers[0].mlp.swiglu_fused(torch.zeros(1, 8, device="cuda")) is on
+        runs[on] = [_greedy_logprobs(eng, [p]) for p in prompts]  # one at a time: decode rows take the GEMV
+    assert runs[True] == runs[False]

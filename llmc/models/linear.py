@@ -24,9 +24,14 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor, norm_eps: float | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``norm_eps`` / ``residual``: see ``ops.linear`` (an RMS norm without weight before, a residual after)."""
-        return ops.linear(x, self.weight, self.bias, norm_eps, residual)
+                residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+        """``norm_eps`` / ``residual`` / ``swiglu``: see ``ops.linear`` (an RMS norm without weight before, a
+        residual or SwiGLU after)."""
+        return ops.linear(x, self.weight, self.bias, norm_eps, residual, swiglu)
+
+    def swiglu_fuses(self, x) -> bool:
+        """Whether ``forward(x, swiglu=True)`` applies the SwiGLU inside its GEMV (no launch of its own)."""
+        return isinstance(x, torch.Tensor) and ops.linear_fuses(x, self.weight)
 
 
 def make_linear(in_features: int, out_features: int, bias: bool, quant: QuantConfig | None,

@@ -102,8 +102,17 @@ class MLP(nn.Module):
         self.down_proj = make_linear(inter, cfg.hidden_size, cfg.mlp_bias, quant, dtype)
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
-        out = self.down_proj(self.act(self.gate_up_proj(x)))
+        if self.swiglu_fused(x):
+            out = self.down_proj(self.gate_up_proj(x, swiglu=True))
+        else:
+            out = self.down_proj(self.act(self.gate_up_proj(x)))
         return out if self.tp is None else self.tp.all_reduce(out)
+
+    def swiglu_fused(self, x) -> bool:
+        """Whether the gate/up GEMV applies the SwiGLU to rows like ``x`` itself (``FUSIONS["swiglu_gemv"]``):
+        decode rows on the GPU, a float down_proj input (fp8/w8a8 down projections read quantized rows)."""
+        return (ops.FUSIONS["swiglu_gemv"] and _producer_quant(self.down_proj) is None
+                and getattr(self.gate_up_proj, "swiglu_fuses", lambda _: False)(x))
 
     def act(self, gate_up: torch.Tensor) -> torch.Tensor | QuantizedRows:
         """SwiGLU: the down_proj input (per-token quantized where that linear reads such rows)."""
@@ -125,21 +134,25 @@ class DecoderLayer(nn.Module):
         a = self.self_attn
         qkv, residual = _normed_projection(self.input_layernorm, a.qkv_proj, x, residual)
         x, residual = _residual_projection(a.o_proj, a.attend(qkv, positions, cos_sin, kv, meta), residual, a.tp)
-        gate_up, residual = _normed_projection(self.post_attention_layernorm, self.mlp.gate_up_proj, x, residual)
-        return _residual_projection(self.mlp.down_proj, self.mlp.act(gate_up), residual, self.mlp.tp)
+        mlp = self.mlp
+        fused = mlp.swiglu_fused(x)  # decode rows: the gate/up GEMV's epilogue computes the SwiGLU
+        h, residual = _normed_projection(self.post_attention_layernorm, mlp.gate_up_proj, x, residual, fused)
+        return _residual_projection(mlp.down_proj, h if fused else mlp.act(h), residual, mlp.tp)
 
 
-def _normed_projection(norm: RMSNorm, linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None):
-    """``(linear(norm(x + residual)), x + residual)``. Where ``norm``'s weight was folded into ``linear``
-    (``fold_norms``) and ``linear`` runs as the GEMV, the norm runs inside it; otherwise it is its own kernel
-    (fused with the add and, for fp8/w8a8 linears, with quantizing the rows)."""
+def _normed_projection(norm: RMSNorm, linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None,
+                       swiglu: bool = False):
+    """``(linear(norm(x + residual)), x + residual)`` (``swiglu``: its SwiGLU, in the GEMV). Where ``norm``'s
+    weight was folded into ``linear`` (``fold_norms``) and ``linear`` runs as the GEMV, the norm runs inside
+    it; otherwise it is its own kernel (fused with the add and, for fp8/w8a8 linears, with quantizing the rows)."""
+    act = {"swiglu": True} if swiglu else {}
     if getattr(linear, "norm_folded", False) and ops.FUSIONS["norm_gemv"] and ops.linear_fuses(x, linear.weight):
         h = x if residual is None else x + residual
-        return linear(h, norm_eps=norm.eps), h
+        return linear(h, norm_eps=norm.eps, **act), h
     if residual is None:
-        return linear(norm(x, consumer=linear)), x
+        return linear(norm(x, consumer=linear), **act), x
     normed, h = norm(x, residual, consumer=linear)
-    return linear(normed), h
+    return linear(normed, **act), h
 
 
 def _residual_projection(linear: nn.Module, x, residual: torch.Tensor, tp: TP | None):

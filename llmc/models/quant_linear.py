@@ -20,6 +20,7 @@ from torch import nn
 
 from llmc.config import QuantConfig
 from llmc.plugins.act_quant import QUANTIZED_INPUT_METHODS, QuantizedRows, check_quantized_input, dequantize_rows
+from llmc.plugins import ops
 
 # Per-input-channel tensors: identical across a fused group; the builder keeps one copy (it checks).
 SHARED_INPUT_TENSORS = ("input_scale",)
@@ -214,9 +215,26 @@ class QuantLinear(nn.Module):
                   getattr(self, "zeros", None), group, self.input_scale, self.bias, gs, gz)
         return y.reshape(*shape[:-1], self.out_features)
 
-    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+    def swiglu_fuses(self, x) -> bool:
+        """Whether ``forward(x, swiglu=True)`` applies the SwiGLU inside its GEMV: float decode rows on the GPU
+        against int8 weight-only weights (fp8/w8a8 layers read quantized rows, and int4 has its own GEMV)."""
+        from llmc.plugins import gemv
+
+        if self.method != "int8" or not isinstance(x, torch.Tensor) or not x.is_cuda or not x.shape[-1]:
+            return False
+        return gemv.applies(x.numel() // x.shape[-1], 1, self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor | QuantizedRows, swiglu: bool = False) -> torch.Tensor:
         """``x``: float rows, or (fp8/w8a8) rows already quantized by their producer with this layer's
-        ``producer_quant``; both give the same result."""
+        ``producer_quant``; both give the same result. ``swiglu``: this is a fused gate/up projection and the
+        result is ``silu_and_mul`` of it, inside the GEMV where ``swiglu_fuses``."""
+        if swiglu:
+            if not self.swiglu_fuses(x):
+                return ops.silu_and_mul(self.forward(x))
+            from llmc.plugins import gemv
+
+            y = gemv.gemv(x.reshape(-1, x.shape[-1]), self.qweight, self.bias, None, self.scales, x.dtype, swiglu=True)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
         pre = isinstance(x, QuantizedRows)
         if (x.q if pre else x).is_cuda:
             return self._forward_cuda(x)

@@ -196,7 +196,8 @@ def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, M, N, K, s
                  stride_om, eps, X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
                  NORM: tl.constexpr, RESIDUAL: tl.constexpr, EVICT_FIRST: tl.constexpr, X_VECTOR: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-                 STAGES: tl.constexpr, HALF: tl.constexpr, TAIL_FIRST: tl.constexpr, PDL: tl.constexpr):
+                 STAGES: tl.constexpr, HALF: tl.constexpr, TAIL_FIRST: tl.constexpr, SWIGLU: tl.constexpr,
+                 PDL: tl.constexpr):
     """``BLOCK_N`` output channels for all ``M`` (<= ``BLOCK_M`` <= 4) rows: every weight byte is read once,
     one element-wise accumulator per row. Whole K tiles run unmasked; the ragged tail (K % BLOCK_K, e.g.
     Llama's 11,008) is masked. ``PREFETCH``: the first weight tile is loaded before waiting
@@ -206,11 +207,24 @@ def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, M, N, K, s
     ``NORM``: the rows are RMS-normalized (weight folded into W) by scaling each row's result by its
     ``rsqrt(mean(x^2) + eps)`` (``_row_squares``), so the norm costs no launch of its own.
     ``RESIDUAL``: ``r [M, N]`` is added to the result (the residual stream, no separate add).
+    ``SWIGLU``: W is a fused gate/up projection ``[2N, K]`` (gate rows first) and the output is
+    ``silu(gate) * up [M, N]``: each program takes ``BLOCK_N / 2`` gate rows and the up rows ``N`` below them, so
+    both halves of its outputs are in its own accumulators and the SwiGLU costs no launch of its own.
     ``STAGES`` > 1: Triton's pipeliner copies the next ``STAGES - 1`` tiles into shared memory (``cp.async``)
     while this one is multiplied, so the bytes in flight no longer cost registers (a register double buffer
     did: fewer programs per SM, measured slower)."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    if SWIGLU:  # weight rows: BLOCK_N / 2 gate rows, then the up rows of the same outputs
+        OUT_N: tl.constexpr = BLOCK_N // 2
+        lane = tl.arange(0, BLOCK_N)
+        col = tl.program_id(0) * OUT_N + lane % OUT_N
+        n_mask = col < N
+        offs_n = col + (lane >= OUT_N).to(tl.int32) * N
+        offs_o = tl.program_id(0) * OUT_N + tl.arange(0, OUT_N)  # output columns
+        o_mask = offs_o < N
+    else:
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_o, o_mask = offs_n, n_mask
     offs_k = tl.arange(0, BLOCK_K)
     w_offs = offs_n[:, None] * stride_wn + offs_k[None, :]
     x_offs = offs_n[:, None] * 0 + offs_k[None, :]
@@ -266,24 +280,26 @@ def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, M, N, K, s
                                               BLOCK_M)
     ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0) if W_SCALED else None
     bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) if HAS_BIAS else None
-    _store_row(acc0, sq0, 0, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om, offs_n, n_mask,
-               X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL, HALF)
+    _store_row(acc0, sq0, 0, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om, offs_o, o_mask,
+               X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL, HALF, SWIGLU)
     if BLOCK_M > 1:
-        _store_row(acc1, sq1, 1, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om, offs_n,
-                   n_mask, X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL, HALF)
+        _store_row(acc1, sq1, 1, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om, offs_o,
+                   o_mask, X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL, HALF, SWIGLU)
     if BLOCK_M > 2:
-        _store_row(acc2, sq2, 2, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om, offs_n,
-                   n_mask, X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL, HALF)
-        _store_row(acc3, sq3, 3, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om, offs_n,
-                   n_mask, X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL, HALF)
+        _store_row(acc2, sq2, 2, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om, offs_o,
+                   o_mask, X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL, HALF, SWIGLU)
+        _store_row(acc3, sq3, 3, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om, offs_o,
+                   o_mask, X_SCALED, W_SCALED, HAS_BIAS, NORM, RESIDUAL, HALF, SWIGLU)
 
 
 @triton.jit
 def _store_row(acc, sq, row: tl.constexpr, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om,
-               offs_n, n_mask, X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
-               NORM: tl.constexpr, RESIDUAL: tl.constexpr, HALF: tl.constexpr):
-    """Epilogue of one row: channel scale, token scale, RMS scale, bias, residual, cast, store (rows past ``M``
-    are skipped); ``HALF`` undoes its 2^-8 activation scale."""
+               offs_o, o_mask, X_SCALED: tl.constexpr, W_SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+               NORM: tl.constexpr, RESIDUAL: tl.constexpr, HALF: tl.constexpr, SWIGLU: tl.constexpr):
+    """Epilogue of one row: channel scale, token scale, RMS scale, bias, residual, cast, store at the output
+    columns ``offs_o`` (rows past ``M`` are skipped); ``HALF`` undoes its 2^-8 activation scale. ``SWIGLU``:
+    gate and up are rounded to the output dtype first, as the separate gate/up GEMV stores them for
+    ``silu_and_mul``, so the fused result is that kernel's."""
     y = tl.sum(acc, axis=1)
     if HALF:
         y = y * 256.0
@@ -296,8 +312,12 @@ def _store_row(acc, sq, row: tl.constexpr, M, K, eps, xs_ptr, ws, bias, r_ptr, s
     if HAS_BIAS:
         y += bias
     if RESIDUAL:
-        y += tl.load(r_ptr + row * stride_rm + offs_n, mask=n_mask & (row < M), other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_om + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask & (row < M))
+        y += tl.load(r_ptr + row * stride_rm + offs_o, mask=o_mask & (row < M), other=0.0).to(tl.float32)
+    if SWIGLU:
+        y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
+        g, u = tl.split(tl.permute(tl.reshape(y, (2, y.shape[0] // 2)), (1, 0)))
+        y = g / (1.0 + tl.exp(-g)) * u
+    tl.store(out_ptr + row * stride_om + offs_o, y.to(out_ptr.dtype.element_ty), mask=o_mask & (row < M))
 
 
 MAX_ROWS = 4  # the kernel keeps one accumulator per row, up to this many
@@ -348,18 +368,22 @@ def applies(rows: int, weight_bytes: int = 2, n: int = 0, k: int = 0) -> bool:
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
          out_dtype: torch.dtype | None = None, norm_eps: float | None = None,
-         residual: torch.Tensor | None = None) -> torch.Tensor:
+         residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
     """``(x * x_scale[:, None]) @ (weight * w_scale[:, None])^T + bias (+ residual)`` for ``x [M, K]``,
     ``weight [N, K]``.
 
     ``x_scale [M]`` / ``w_scale [N]`` (fp32) are given for quantized rows / 8-bit weights; ``out_dtype``
     defaults to ``x``'s dtype (pass the rows' float dtype for quantized ``x``). ``norm_eps``: the rows are
     RMS-normalized first, without a norm weight (fold it into ``weight``: ``reference.norm_linear``);
-    ``residual [M, N]``: added to the result (``reference.linear_residual``)."""
+    ``residual [M, N]``: added to the result (``reference.linear_residual``). ``swiglu``: ``weight`` is a fused
+    gate/up ``[2I, K]`` and the result is ``silu_and_mul`` of the product, ``[M, I]`` (``reference.linear_swiglu``)."""
     m, k = x.shape
-    n = weight.shape[0]
+    n = weight.shape[0] // 2 if swiglu else weight.shape[0]
     if weight.shape[1] != k:
         raise ValueError(f"GEMV: x has {k} columns but the weight {tuple(weight.shape)} expects {weight.shape[1]}")
+    if swiglu and (weight.shape[0] % 2 or residual is not None):
+        raise ValueError(f"GEMV: a fused SwiGLU needs an even number of gate/up rows (got {weight.shape[0]}) "
+                         "and no residual")
     if norm_eps is not None and x_scale is not None:
         raise ValueError("GEMV: a fused RMS norm needs float rows, not quantized ones (x_scale)")
     if residual is not None and tuple(residual.shape) != (m, n):
@@ -375,13 +399,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"GEMV: {m} rows, at most {MAX_ROWS}; larger batches take the MMA GEMMs")
     bm = triton.next_power_of_2(m)
     half = x_scale is not None and half_products(x.dtype, weight.dtype)
-    t = shape_tactics(weight.element_size(), n, k, half)
-    bn = t["block_n"]
+    t = shape_tactics(weight.element_size(), weight.shape[0], k, half)  # the tuned tiles of the whole weight
+    bn = max(2, t["block_n"]) if swiglu else t["block_n"]  # SwiGLU: half gate rows, half up rows
     bk = max(64, t["block_k"] // bm)  # bm accumulators of bn x bk: keep them in registers
     tail = tail_first(half)
     dummy = weight
     pdl = pdl_args(x)
-    _gemv_kernel[(triton.cdiv(n, bn),)](
+    _gemv_kernel[(triton.cdiv(n, bn // 2 if swiglu else bn),)](
         x, x_scale if x_scale is not None else dummy, weight, w_scale if w_scale is not None else dummy,
         bias if bias is not None else dummy, residual if residual is not None else dummy, out, m, n, k,
         x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
@@ -389,6 +413,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         HAS_BIAS=bias is not None, NORM=norm_eps is not None, RESIDUAL=residual is not None,
         EVICT_FIRST=bool(TACTICS["evict_first"]) and not _INTERPRET, X_VECTOR=bool(t["x_vector"]), BLOCK_M=bm,
         BLOCK_N=bn, BLOCK_K=bk, PREFETCH=bool(TACTICS["prefetch"]) and (tail or k >= bk),
-        TAIL_FIRST=tail,
+        TAIL_FIRST=tail, SWIGLU=swiglu,
         STAGES=t["stages"], HALF=half, num_warps=t["num_warps"], num_stages=t["stages"], **pdl)
     return out

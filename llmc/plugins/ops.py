@@ -21,7 +21,10 @@ _loaded = False
 # row's norm runs inside the GEMV, and the O/down GEMVs add the residual (two launches fewer per layer;
 # rounding differs from the separate ops, see ``LlamaForCausalLM.fold_norms``). Off by default: on the H200 it
 # was neutral untuned and 0.056 ms/step slower with tuned GEMV tiles at batch 1 (BENCHMARKS.md, 2026-12-03).
-FUSIONS: dict[str, bool] = {"rope_write_kv": True, "act_quant": True, "norm_gemv": False}
+# "swiglu_gemv": a decode row's SwiGLU runs in the gate/up GEMV's epilogue (16-bit and int8 weight-only gate/up
+# projections; fp8/w8a8 down projections read quantized rows from ``silu_and_mul_quant`` instead): the same
+# bits as the separate kernel, one launch fewer per layer.
+FUSIONS: dict[str, bool] = {"rope_write_kv": True, "act_quant": True, "norm_gemv": False, "swiglu_gemv": True}
 
 
 def _fast(name: str, t: torch.Tensor) -> Callable | None:
@@ -51,11 +54,12 @@ def register(name: str) -> Callable[[Callable], Callable]:
     return deco
 
 
-def linear(x, weight, bias=None, norm_eps: float | None = None, residual=None) -> torch.Tensor:
+def linear(x, weight, bias=None, norm_eps: float | None = None, residual=None, swiglu: bool = False) -> torch.Tensor:
     """``x @ weight^T + bias`` for a float weight; on the GPU, decode rows stream it through ``gemv.py``.
-    ``norm_eps``: RMS-normalize ``x``'s rows first (no norm weight); ``residual``: add it to the result
-    (``reference.linear``); both are free inside the GEMV (``linear_fuses``)."""
-    return (_fast("linear", x) or reference.linear)(x, weight, bias, norm_eps, residual)
+    ``norm_eps``: RMS-normalize ``x``'s rows first (no norm weight); ``residual``: add it to the result;
+    ``swiglu``: ``silu_and_mul`` of the result, for a fused gate/up weight (``reference.linear``); all three are
+    free inside the GEMV (``linear_fuses``)."""
+    return (_fast("linear", x) or reference.linear)(x, weight, bias, norm_eps, residual, swiglu)
 
 
 def linear_fuses(x, weight) -> bool:

@@ -87,10 +87,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, norm_eps: float | None = None,
-           residual: torch.Tensor | None = None) -> torch.Tensor:
+           residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
     """``x @ weight^T + bias``. ``norm_eps``: ``x``'s rows are RMS-normalized first, without a norm weight (the
     model folds it into ``weight``); ``residual``: added to the result. With either, computed in fp32 and
-    rounded once, as the fused GEMV does."""
+    rounded once, as the fused GEMV does. ``swiglu``: ``weight`` is a fused gate/up projection and the result
+    is ``silu_and_mul`` of the (rounded) product, as the GEMV's SwiGLU epilogue computes it."""
+    if swiglu:
+        return silu_and_mul(linear(x, weight, bias, norm_eps, residual))
     if norm_eps is None and residual is None:
         return F.linear(x, weight, bias)
     xf = x.float()

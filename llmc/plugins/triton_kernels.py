@@ -718,14 +718,16 @@ def linear_fuses(x, weight) -> bool:
 
 
 @register("linear")
-def linear(x, weight, bias=None, norm_eps: float | None = None, residual=None) -> torch.Tensor:
-    """The GEMV where ``linear_fuses`` (norm and residual fused into it), else cuBLAS (and separate ops)."""
+def linear(x, weight, bias=None, norm_eps: float | None = None, residual=None, swiglu: bool = False) -> torch.Tensor:
+    """The GEMV where ``linear_fuses`` (norm, residual and SwiGLU fused into it), else cuBLAS (and separate ops)."""
     if not linear_fuses(x, weight):
+        if swiglu:
+            return silu_and_mul(reference.linear(x, weight, bias, norm_eps, residual))
         return reference.linear(x, weight, bias, norm_eps, residual)
     rows = x.numel() // x.shape[-1]
     res = None if residual is None else residual.reshape(rows, weight.shape[0])
-    return gemv.gemv(x.reshape(rows, x.shape[-1]), weight, bias, norm_eps=norm_eps,
-                     residual=res).reshape(*x.shape[:-1], weight.shape[0])
+    y = gemv.gemv(x.reshape(rows, x.shape[-1]), weight, bias, norm_eps=norm_eps, residual=res, swiglu=swiglu)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 @register("rms_norm")
