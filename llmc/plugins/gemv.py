@@ -185,6 +185,19 @@ def _row_squares(sq0, sq1, sq2, sq3, x_ptr, stride_xm, M, offs_k, k_mask, BLOCK_
 
 
 @triton.jit
+def _accumulate(acc0, acc1, acc2, acc3, sq0, sq1, sq2, sq3, x_ptr, stride_xm, M, x_offs, offs_k, w, mask, k_mask,
+                X_VECTOR: tl.constexpr, BLOCK_M: tl.constexpr, TAIL: tl.constexpr, HALF: tl.constexpr,
+                NORM: tl.constexpr):
+    """One loaded weight tile (K offset already in ``x_ptr``) into the rows' accumulators, and with ``NORM``
+    their squares: what each of the GEMV's tile sites (prefetched, looped, ragged tail) does with its tile."""
+    acc0, acc1, acc2, acc3 = _tile_products(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, x_offs, offs_k, w, mask,
+                                            k_mask, X_VECTOR, BLOCK_M, TAIL, HALF)
+    if NORM:
+        sq0, sq1, sq2, sq3 = _row_squares(sq0, sq1, sq2, sq3, x_ptr, stride_xm, M, offs_k, k_mask, BLOCK_M)
+    return acc0, acc1, acc2, acc3, sq0, sq1, sq2, sq3
+
+
+@triton.jit
 def _weight_tile(w_ptr, w_offs, mask, EVICT_FIRST: tl.constexpr):
     if EVICT_FIRST:
         return tl.load(w_ptr + w_offs, mask=mask, eviction_policy="evict_first")
@@ -246,38 +259,32 @@ def _gemv_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, r_ptr, out_ptr, M, N, K, s
             tail = n_mask[:, None] & k_tail[None, :]
             w = _weights(_weight_tile(w_ptr + k_full, w_offs, tail, EVICT_FIRST), HALF)
             pdl_wait(PDL)
-            acc0, acc1, acc2, acc3 = _tile_products(acc0, acc1, acc2, acc3, x_ptr + k_full, stride_xm, M, x_offs,
-                                                    offs_k, w, tail, k_tail, X_VECTOR, BLOCK_M, True, HALF)
-            if NORM:
-                sq0, sq1, sq2, sq3 = _row_squares(sq0, sq1, sq2, sq3, x_ptr + k_full, stride_xm, M, offs_k, k_tail,
-                                                  BLOCK_M)
+            acc0, acc1, acc2, acc3, sq0, sq1, sq2, sq3 = _accumulate(
+                acc0, acc1, acc2, acc3, sq0, sq1, sq2, sq3, x_ptr + k_full, stride_xm, M, x_offs, offs_k, w, tail,
+                k_tail, X_VECTOR, BLOCK_M, True, HALF, NORM)
             k_start = 0
         else:
             w = _weights(_weight_tile(w_ptr, w_offs, full, EVICT_FIRST), HALF)
             pdl_wait(PDL)
-            acc0, acc1, acc2, acc3 = _tile_products(acc0, acc1, acc2, acc3, x_ptr, stride_xm, M, x_offs, offs_k, w,
-                                                    full, k_all, X_VECTOR, BLOCK_M, False, HALF)
-            if NORM:
-                sq0, sq1, sq2, sq3 = _row_squares(sq0, sq1, sq2, sq3, x_ptr, stride_xm, M, offs_k, k_all, BLOCK_M)
+            acc0, acc1, acc2, acc3, sq0, sq1, sq2, sq3 = _accumulate(
+                acc0, acc1, acc2, acc3, sq0, sq1, sq2, sq3, x_ptr, stride_xm, M, x_offs, offs_k, w, full, k_all,
+                X_VECTOR, BLOCK_M, False, HALF, NORM)
             k_start = BLOCK_K
     else:
         pdl_wait(PDL)
         k_start = 0
     for k0 in tl.range(k_start, k_full, BLOCK_K, num_stages=STAGES):
         w = _weights(_weight_tile(w_ptr + k0, w_offs, full, EVICT_FIRST), HALF)
-        acc0, acc1, acc2, acc3 = _tile_products(acc0, acc1, acc2, acc3, x_ptr + k0, stride_xm, M, x_offs, offs_k, w,
-                                                full, k_all, X_VECTOR, BLOCK_M, False, HALF)
-        if NORM:
-            sq0, sq1, sq2, sq3 = _row_squares(sq0, sq1, sq2, sq3, x_ptr + k0, stride_xm, M, offs_k, k_all, BLOCK_M)
+        acc0, acc1, acc2, acc3, sq0, sq1, sq2, sq3 = _accumulate(
+            acc0, acc1, acc2, acc3, sq0, sq1, sq2, sq3, x_ptr + k0, stride_xm, M, x_offs, offs_k, w, full, k_all,
+            X_VECTOR, BLOCK_M, False, HALF, NORM)
     if (not PREFETCH or not TAIL_FIRST) and k_full < K:
         k_tail = (k_full + offs_k) < K
         tail = n_mask[:, None] & k_tail[None, :]
         w = _weights(tl.load(w_ptr + k_full + w_offs, mask=tail), HALF)
-        acc0, acc1, acc2, acc3 = _tile_products(acc0, acc1, acc2, acc3, x_ptr + k_full, stride_xm, M, x_offs,
-                                                offs_k, w, tail, k_tail, X_VECTOR, BLOCK_M, True, HALF)
-        if NORM:
-            sq0, sq1, sq2, sq3 = _row_squares(sq0, sq1, sq2, sq3, x_ptr + k_full, stride_xm, M, offs_k, k_tail,
-                                              BLOCK_M)
+        acc0, acc1, acc2, acc3, sq0, sq1, sq2, sq3 = _accumulate(
+            acc0, acc1, acc2, acc3, sq0, sq1, sq2, sq3, x_ptr + k_full, stride_xm, M, x_offs, offs_k, w, tail,
+            k_tail, X_VECTOR, BLOCK_M, True, HALF, NORM)
     ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0) if W_SCALED else None
     bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32) if HAS_BIAS else None
     _store_row(acc0, sq0, 0, M, K, eps, xs_ptr, ws, bias, r_ptr, stride_rm, out_ptr, stride_om, offs_o, o_mask,
