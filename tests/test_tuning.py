@@ -228,6 +228,24 @@ def test_w8a8_times_gemv_tiles_with_it_on_and_may_switch_it_on(monkeypatch):
     assert calls and gemv.TACTICS["w8a8_gemv"] == 0
 
 
+def test_fp8_gemv_families_time_each_f16_products_variant_once():
+    """fp8 rows against fp8 weights take the f16 products, which always load the activations as one vector:
+    the per-shape grids hold no variant twice (``x_vector`` 0 and 1 were the same kernel), the 16-bit LM
+    head keeps both."""
+    import dataclasses
+
+    model = dataclasses.replace(TINY, vocab_size=96)  # an LM head shape of its own (64 x 64 is also O's)
+    fams = tuning._gemv_families(model, QuantConfig("fp8"), DEV, torch.float32)
+    shapes = [f for f in fams if f.name.endswith("(1 row)")]
+    head = shapes[-1]
+    assert head.name.startswith("GEMV 96x64")
+    for fam in shapes[:-1]:
+        assert len(set(fam.candidates)) == len(fam.candidates), fam.name
+        assert {c[4] for c in fam.candidates[1:]} == {1}, fam.name
+    assert {c[4] for c in head.candidates[1:]} == {0, 1}
+    assert len(shapes[0].candidates) < len(head.candidates)
+
+
 def test_build_stores_tactics_and_runner_applies_them(tiny_factory, tmp_path, monkeypatch):
     from llmc.build import builder
     from llmc.build.engine import load_engine

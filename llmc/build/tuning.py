@@ -195,6 +195,8 @@ def _gemv_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: t
         # pipelined through shared memory (each stage holds the activations once, as a vector): the H200's best
         # per projection came from these (BENCHMARKS.md, seventh session)
         tiles += [(1, bn, bk, w, 1, st) for bn, bk, w, st in itertools.product((4, 8), (512, 1024), (4, 8), (3, 4))]
+        if half and wb == 1:  # the f16 products always load the activations as one vector: x_vector is moot
+            tiles = list(dict.fromkeys(t[:4] + (1,) + t[5:] for t in tiles))
         fams.append(Family(f"GEMV {n}x{k} (1 row)", "gemv", gemv.PER_SHAPE_KEYS, [off] + tiles, [case(k, fn, 1)],
                            scope=gemv.shape_key(n, k), defaults=defaults))
     if calls:
