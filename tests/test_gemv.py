@@ -6,15 +6,12 @@ block), 16-bit, fp32 and 8-bit weights, float and per-token quantized activation
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # before the first triton import
 
 pytest.importorskip("triton", reason="triton is not installed: the GEMV kernel cannot be tested")
 

@@ -4,15 +4,12 @@ CPU, on the GPU when there is one), tiny engines against the unquantized engine,
 copy-on-write of the scales."""
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # before the first triton import, or kernels compile for a GPU
 
 from llmc import LLM, SamplingParams  # noqa: E402
 from llmc.build.builder import build  # noqa: E402

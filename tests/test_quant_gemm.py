@@ -6,14 +6,10 @@ tiling are both exercised.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # before the first triton import
 
 pytest.importorskip("triton", reason="triton is not installed: the quantized GEMM kernels cannot be tested")
 

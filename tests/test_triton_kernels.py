@@ -7,15 +7,12 @@ use larger, production-like shapes and are skipped without CUDA. The module chec
 """
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # before the first triton import, or kernels compile for a GPU
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 

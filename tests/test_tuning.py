@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # before the first triton import
 
 pytest.importorskip("triton", reason="triton is not installed: the tuner times Triton kernels")
 
