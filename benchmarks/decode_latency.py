@@ -124,26 +124,46 @@ def profile_steps(engine: LLMEngine, batch: int, prompt_len: int, steps: int = 2
     return rows
 
 
-def override_tactics(specs: list[str]) -> dict[str, dict[str, int]]:
-    """``MODULE.KEY=INT`` overrides, applied now and again after the engine loads its tuned tactics."""
+def override_tactics(specs: list[str]) -> dict[str, dict]:
+    """``MODULE.KEY=INT`` overrides, or ``MODULE.per_shape.NxK.KEY=INT`` for one weight shape (merged into what
+    the engine's tuner stored for it; a GEMV shape's keys not given keep the width's defaults), applied now and
+    again after the engine loads its tuned tactics: the in-engine A/B of a tile the tuner timed alone."""
     from llmc.build import tuning
 
-    table: dict[str, dict[str, int]] = {}
+    table: dict[str, dict] = {}
+    shapes: dict[str, dict[str, dict[str, int]]] = {}
     for spec in specs:
         name, _, value = spec.partition("=")
-        module, _, key = name.partition(".")
-        if module not in tuning.TUNABLE_MODULES or not value.lstrip("-").isdigit():
-            raise SystemExit(f"--tactic {spec!r}: expected MODULE.KEY=INT with MODULE one of {tuning.TUNABLE_MODULES}")
-        table.setdefault(module, {})[key] = int(value)
-    if table:
-        real = tuning.apply_tactics
-        tuning.apply_tactics(table)  # checks the keys exist
+        parts = name.split(".")
+        if (parts[0] not in tuning.TUNABLE_MODULES or not value.lstrip("-").isdigit()
+                or not (len(parts) == 2 or (len(parts) == 4 and parts[1] == "per_shape"))):
+            raise SystemExit(f"--tactic {spec!r}: expected MODULE.KEY=INT or MODULE.per_shape.NxK.KEY=INT with "
+                             f"MODULE one of {tuning.TUNABLE_MODULES}")
+        if len(parts) == 2:
+            table.setdefault(parts[0], {})[parts[1]] = int(value)
+        else:
+            shapes.setdefault(parts[0], {}).setdefault(parts[2], {})[parts[3]] = int(value)
+    if not table and not shapes:
+        return table
+    real = tuning.apply_tactics
 
-        def apply_then_override(tactics):
-            real(tactics)
-            real(table)
-        tuning.apply_tactics = apply_then_override
-    return table
+    def overrides() -> dict[str, dict]:
+        """``table`` plus each module's per-shape entries merged over the ones in place now."""
+        out = {module: dict(t) for module, t in table.items()}
+        for module, per in shapes.items():
+            merged = {shape: dict(keys) for shape, keys in tuning._module(module).TACTICS["per_shape"].items()}
+            for shape, keys in per.items():
+                merged[shape] = {**({"stages": -1} if module == "gemv" else {}), **merged.get(shape, {}), **keys}
+            out.setdefault(module, {})["per_shape"] = merged
+        return out
+
+    real(overrides())  # checks the keys exist
+
+    def apply_then_override(tactics):
+        real(tactics)
+        real(overrides())
+    tuning.apply_tactics = apply_then_override
+    return overrides()
 
 
 def main() -> None:
@@ -167,7 +187,8 @@ def main() -> None:
                     help="launch every kernel serially (no programmatic dependent launch): the before figure")
     ap.add_argument("--tactic", action="append", default=[], metavar="MODULE.KEY=INT",
                     help="override one kernel tactic over the engine's tuned ones (repeatable), e.g. "
-                         "gemv.max_m=0 runs decode rows on the MMA GEMMs: before/after in one call")
+                         "gemv.max_m=0 runs decode rows on the MMA GEMMs: before/after in one call; "
+                         "MODULE.per_shape.NxK.KEY=INT for one weight shape, e.g. gemv.per_shape.4096x11008.block_n=4")
     a = ap.parse_args()
     for name in a.no_fuse:
         ops.FUSIONS[name] = False

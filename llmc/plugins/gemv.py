@@ -357,10 +357,12 @@ def tail_first(half: bool) -> bool:
 def shape_tactics(weight_bytes: int, n: int, k: int, half: bool = False) -> dict[str, int]:
     """The GEMV's choice for a ``[n, k]`` weight (``PER_SHAPE_KEYS``): what the tuner stored for the shape,
     over the defaults of the weight's width (``half``: of the f16 products). An entry without ``stages`` was
-    tuned before the loop could be pipelined, so its tiles were timed unpipelined and keep that."""
+    tuned before the loop could be pipelined, so its tiles were timed unpipelined and keep that. A negative
+    value keeps the width's default (a hand override of a few keys, ``decode_latency.py --tactic``)."""
     tuned = TACTICS["per_shape"].get(shape_key(n, k), {})
     if tuned and "stages" not in tuned:
         tuned = {"stages": 1, **tuned}
+    tuned = {key: v for key, v in tuned.items() if v >= 0}
     return {"use": 1, **{key: TACTICS[_width_key(key, weight_bytes, half)] for key in PER_SHAPE_KEYS[1:]},
             **tuned}
 
