@@ -108,6 +108,13 @@ def kernel_specs() -> dict[str, tuple]:
         dict(GROUP=4, D=128, PAGE=16, BLOCK_M=t["prefill_block_m"], BLOCK_N=t["prefill_block_n"], SEARCH_STEPS=12,
              SKIP_DECODE=True, IEEE=False, QUANT=quant, **v_strides(quant)),
         t["prefill_num_warps"], t["prefill_num_stages"], ("qk_scale",))
+    int4_gemv = lambda words: (  # noqa: E731
+        qg._int4_gemv_kernel, {"x_ptr": "*bf16", "isc_ptr": "*fp32", "w_ptr": "*i32" if words else "*u8",
+                               "s_ptr": "*fp32", "z_ptr": "*u8", "b_ptr": "*bf16", "out_ptr": "*bf16",
+                               "part_ptr": "*fp32"},
+        dict(GROUP=128, HAS_ISC=False, HAS_BIAS=False, SPLIT=1, WORDS=words, BLOCK_N=qt["gemv_block_n"],
+             BLOCK_K=qt["gemv_block_k"], STAGES=qt["gemv_num_stages"]),
+        qt["gemv_num_warps"], qt["gemv_num_stages"], ())
     return {
         "prefill bf16 cache": prefill("*bf16", "*bf16", False),
         "prefill fp8 cache": prefill("*bf16", "*fp8e4nv", True),
@@ -136,13 +143,9 @@ def kernel_specs() -> dict[str, tuple]:
         "gemv fp8 rows": gemv_spec("*fp8e4nv", "*fp8e4nv", True, half=bool(gt["q8_half"])),
         "gemv fp8 rows, fp32 products": gemv_spec("*fp8e4nv", "*fp8e4nv", True),
         "gemv int8 weights": gemv_spec("*i8", "*bf16", True),
-        "int4 gemv g128": (qg._int4_gemv_kernel,
-                           {"x_ptr": "*bf16", "isc_ptr": "*fp32", "w_ptr": "*i32" if qt["gemv_words"] else "*u8",
-                            "s_ptr": "*fp32", "z_ptr": "*u8",
-                            "b_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32"},
-                           dict(GROUP=128, HAS_ISC=False, HAS_BIAS=False, SPLIT=1, WORDS=qt["gemv_words"],
-                                BLOCK_N=qt["gemv_block_n"], BLOCK_K=qt["gemv_block_k"], STAGES=qt["gemv_num_stages"]),
-                           qt["gemv_num_warps"], qt["gemv_num_stages"], ()),
+        "int4 gemv g128": int4_gemv(qt["gemv_words"]),
+        "int4 gemv g128, fp32 words": int4_gemv(2),
+        "int4 gemv g128, fp16 pairs": int4_gemv(3),
         "int4 mma g128, 16 rows": (qg._qgemm_kernel,
                                    {"x_ptr": "*bf16", "xs_ptr": "*fp32", "isc_ptr": "*fp32", "w_ptr": "*u8",
                                     "s_ptr": "*fp32", "z_ptr": "*u8", "b_ptr": "*bf16", "out_ptr": "*bf16",

@@ -244,7 +244,8 @@ def _gemm_families(model: ModelConfig, quant: QuantConfig, device: str, dtype: t
                                                             group, isc, None, t.get("scales_gn"), t.get("zeros_gn")),
                             copies))
     if group:  # its GEMV's tiles per weight shape (qg.TACTICS["per_shape"]), as TensorRT picks per layer
-        tiles = list(itertools.product((32, 64, 128), (256, 512), (4, 8), (1, 3)))  # (1: the K loop unpipelined)
+        # narrow, long tiles won in the engine (16 x 4096); 3 stages never did there
+        tiles = list(itertools.product((16, 32, 64), (1024, 2048, 4096), (4, 8), (1,)))
         return [Family(f"int4 GEMV {n}x{k} (1 row)", "quant_gemm", qg.PER_SHAPE_KEYS, tiles, [case],
                        scope=gemv.shape_key(n, k), defaults=qg.int4_gemv_tactics(n, k))
                 for (n, k), case in zip(shapes, cases)]

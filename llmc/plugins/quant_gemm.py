@@ -11,7 +11,9 @@ per weight instead of 2:
   small exact integers (``16 + q``, written into 16-bit floats' mantissas, ``_nibbles``), never a rounded
   dequantized weight. The low nibbles meet the even inputs and the high nibbles the odd ones in two
   half-width dots, so the packed tile is never interleaved. The fewest int4 rows take a CUDA-core GEMV
-  instead (``_int4_gemv_kernel``: int32 words, nibbles masked in place, tiles per weight shape);
+  instead (``_int4_gemv_kernel``: int32 words whose nibbles become exact ``n - 8`` in fp16 pairs, multiplied
+  by the inputs scaled per tile by a power of two into fp16, one ``HFMA2`` per two weights; tiles per weight
+  shape);
 - activations are either the float input (weight-only methods; AWQ's ``input_scale`` is divided in the
   tile) or a per-token quantized copy (fp8 E4M3 / int8, made by ``_act_quant_kernel``), in which case
   ``acc`` is also multiplied by the token's scale. The dots then run on the 8-bit operands themselves
@@ -42,12 +44,14 @@ from llmc.plugins.triton_compat import INTERPRET as _INTERPRET, pdl_args, pdl_wa
 
 TACTICS: dict[str, Any] = {
     "gemv_max_m": 2,            # int4 rows up to this run one CUDA-core GEMV per row
-    "gemv_block_n": 64,         # int4 GEMV tile. H200 sweep at one row, Llama-2-7B's four projections: 64 x 512 x
-    "gemv_block_k": 512,        # 4 warps, words with split inputs: 71.9 us in all (the byte loop at 16 x 1024, the
-    "gemv_num_warps": 4,        # last default: 105.8 us; bf16 cuBLAS 114 us)
+    "gemv_block_n": 16,         # int4 GEMV tile. H200, synthetic Llama-2-7B engine at batch 1 (ms/step), fp16 pairs:
+    "gemv_block_k": 4096,       # 16 x 4096 x 8 warps 2.389, 16 x 2048 x 4 2.482, 32 x 1024 x 4 2.507, 64 x 512 x 4
+    "gemv_num_warps": 8,        # 3.057; fp32 words at 64 x 512 (the last default) 3.299. Why narrow, long tiles win
+                                # is a guess: more programs in more even waves (gate/up: 1,376 against 344)
     "gemv_num_stages": 1,       # > 1: the K loop pipelined through shared memory (cp.async; as gemv.py's stages)
-    "gemv_words": 2,            # packed int4 read as int32 words (8 nibbles masked in place), the inputs as one
-                                # vector split in registers (2) or 8 strided loads (1); 0: bytes
+    "gemv_words": 3,            # packed int4 read as int32 words: 3, in fp16 pairs (HFMA2) on the inputs scaled per
+                                # tile by a power of two; 2 / 1, 8 nibbles masked in place in fp32, the inputs as one
+                                # vector split in registers / 8 strided loads; 0: bytes
     "small_m": 64,              # rows up to this use the decode tiling (16..64-row tiles)
     "small_swap": 1,            # decode tiling computes out^T = W x^T (weight as the wide MMA operand)
     "small_block_n": 32,
@@ -326,6 +330,60 @@ def _nibble_at(v, MASK: tl.constexpr):
     return f - 8388608.0
 
 
+# Nibbles j and j + 4 of a word sit in its two 16-bit halves at the same place, so one LOP3 writes both into the
+# mantissa of 1024.0 (the low nibble of a byte as 1024 + n, the high one as 1024 + 16 n) and one HSUB2 / HFMA2
+# makes them n - 8, exactly; the word's other byte pair comes after one shift by 8 (Marlin's dequantization).
+_WORD_DOT_F16X2_PTX = tl.constexpr(
+    "{ .reg .b32 t, a, c, o, r, m; .reg .b16 l, h; .reg .f32 fl, fh;\n"
+    "mov.b32 o, 0x64086408;\nmov.b32 r, 0x2C002C00;\nmov.b32 m, 0xD480D480;\n"  # f16x2 takes no immediates
+    "shr.u32 t, $1, 8;\n"
+    + "".join(f"lop3.b32 a, {src}, {mask}, 0x64006400, 0xEA;\n" + fix
+              + ("mul.rn.f16x2 c, a, $2;\n" if j == 0 else f"fma.rn.f16x2 c, a, ${j + 2}, c;\n")
+              for j, (src, mask, fix) in enumerate([
+                  ("$1", "0x000F000F", "sub.rn.f16x2 a, a, o;\n"),       # - 1032
+                  ("$1", "0x00F000F0", "fma.rn.f16x2 a, a, r, m;\n"),    # / 16 - 72
+                  ("t", "0x000F000F", "sub.rn.f16x2 a, a, o;\n"),
+                  ("t", "0x00F000F0", "fma.rn.f16x2 a, a, r, m;\n")]))
+    + "mov.b32 {l, h}, c;\ncvt.f32.f16 fl, l;\ncvt.f32.f16 fh, h;\nadd.f32 $0, fl, fh; }")
+
+
+@triton.jit
+def _pack_f16x2(lo, hi):
+    """Two fp16 tensors as one int32 tensor of ``(lo, hi)`` 16-bit lanes (an ``f16x2`` operand)."""
+    return lo.to(tl.uint16, bitcast=True).to(tl.int32) | (hi.to(tl.uint16, bitcast=True).to(tl.int32) << 16)
+
+
+@triton.jit
+def _word_dot_f16x2(wv, h0, h1, h2, h3, h4, h5, h6, h7):
+    """``sum_j (n_j - 8) h_j`` over the 8 nibbles of each int32 word (``h_j`` fp16 ``[W]``, broadcast over
+    rows) on fp16 pairs: nibbles ``j`` and ``j + 4`` become ``n - 8`` in two lanes (exact small integers,
+    ``_WORD_DOT_F16X2_PTX``) that one ``HFMA2`` multiplies; the word's two lane sums are added in fp32. About
+    2 instructions a weight against the fp32 path's 3. The interpreter runs the same lanes as Triton ops (a
+    multiply and an add each, so not bit-exact)."""
+    if _PTX:
+        return tl.inline_asm_elementwise(_WORD_DOT_F16X2_PTX, "=r,r,r,r,r,r",
+                                         [wv, _pack_f16x2(h0, h4)[None, :], _pack_f16x2(h1, h5)[None, :],
+                                          _pack_f16x2(h2, h6)[None, :], _pack_f16x2(h3, h7)[None, :]],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    lo = ((((wv & 0xF) - 8).to(tl.float16) * h0[None, :] + (((wv >> 4) & 0xF) - 8).to(tl.float16) * h1[None, :])
+          + (((wv >> 8) & 0xF) - 8).to(tl.float16) * h2[None, :]
+          + (((wv >> 12) & 0xF) - 8).to(tl.float16) * h3[None, :])
+    hi = (((((wv >> 16) & 0xF) - 8).to(tl.float16) * h4[None, :]
+           + (((wv >> 20) & 0xF) - 8).to(tl.float16) * h5[None, :])
+          + (((wv >> 24) & 0xF) - 8).to(tl.float16) * h6[None, :]
+          + (((wv >> 28) & 0xF) - 8).to(tl.float16) * h7[None, :])
+    return lo.to(tl.float32) + hi.to(tl.float32)
+
+
+@triton.jit
+def _pow2_scales(amax):
+    """``(up, down)``: powers of two with ``amax * up`` in [128, 256) and ``down = 1 / up``, so a tile's inputs
+    fit fp16 exactly (bf16's 8 mantissa bits), with room for a word's sums (8 * 8 * 256 < 65,504), whatever
+    their range in bf16."""
+    p = tl.minimum(tl.maximum(134 - (amax.to(tl.int32, bitcast=True) >> 23), -120), 120)  # 7 - floor(log2 amax)
+    return ((p + 127) << 23).to(tl.float32, bitcast=True), ((127 - p) << 23).to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def _eighths(x):
     """``x [8 * W]`` -> its eight strided parts ``x[j::8]`` (``[W]`` each), by splitting a reshape."""
@@ -379,31 +437,39 @@ def _int4_gemv_tile(x_ptr, isc_ptr, w_ptr, s_ptr, z_ptr, row, k0, K, stride_xm, 
     NG: tl.constexpr = BLOCK_K // GROUP
     offs_g = tl.arange(0, NG)
     if WORDS:
-        # int32 words of 8 nibbles (k = 8 * word + j): nibble j is masked in place, so it reads as 16^p * n
-        # (p = j, or j - 3 for j >= 5 after one shift by 12), and its input is prescaled by 16^-p instead.
         offs_w = tl.arange(0, BLOCK_K // 8)
         kw = k0 + 8 * offs_w
         wmask = n_mask[:, None] & (kw < K)[None, :] if MASK_K else n_mask[:, None]
         w0 = tl.multiple_of(k0 // 8, BLOCK_K // 8)  # tiles start at multiples of BLOCK_K: 16-byte loads
         wv = tl.load(w_ptr + offs_n[:, None] * stride_wn + w0 + offs_w[None, :], mask=wmask, other=0,
                      eviction_policy="evict_first")
-        hi = wv >> 12
-        if WORDS == 2:  # the tile's inputs as one vector load, split into the eight strided parts
-            x0, x1, x2, x3, x4, x5, x6, x7 = _eighths(_tile_input(x_ptr, isc_ptr, row, stride_xm, k0, K, 1, HAS_ISC,
-                                                                  MASK_K, BLOCK_K))
+        if WORDS == 3:  # fp16 pairs (_word_dot_f16x2) on the tile's inputs scaled by a power of two
+            x = _tile_input(x_ptr, isc_ptr, row, stride_xm, k0, K, 1, HAS_ISC, MASK_K, BLOCK_K)
+            up, down = _pow2_scales(tl.max(tl.abs(x), axis=0))  # fp16 range
+            h0, h1, h2, h3, h4, h5, h6, h7 = _eighths((x * up).to(tl.float16))
+            t = _word_dot_f16x2(wv, h0, h1, h2, h3, h4, h5, h6, h7)
+            xsum = tl.sum(tl.reshape(x, (NG, GROUP)), axis=1)
+            d = tl.sum(tl.reshape(t, (BLOCK_N, NG, GROUP // 8)), axis=2) * down + 8.0 * xsum[None, :]
         else:
-            x0, x1, x2, x3, x4, x5, x6, x7 = _strided_inputs(x_ptr, isc_ptr, row, stride_xm, k0, K, HAS_ISC, MASK_K,
-                                                             BLOCK_K // 8)
-        t = _nibble_at(wv, 0xF) * x0[None, :]
-        t += _nibble_at(wv, 0xF0) * (x1 * 0.0625)[None, :]
-        t += _nibble_at(wv, 0xF00) * (x2 * 0.00390625)[None, :]
-        t += _nibble_at(wv, 0xF000) * (x3 * 0.000244140625)[None, :]
-        t += _nibble_at(wv, 0xF0000) * (x4 * 0.0000152587890625)[None, :]
-        t += _nibble_at(hi, 0xF00) * (x5 * 0.00390625)[None, :]
-        t += _nibble_at(hi, 0xF000) * (x6 * 0.000244140625)[None, :]
-        t += _nibble_at(hi, 0xF0000) * (x7 * 0.0000152587890625)[None, :]
-        d = tl.sum(tl.reshape(t, (BLOCK_N, NG, GROUP // 8)), axis=2)  # [BLOCK_N, NG]
-        xsum = tl.sum(tl.reshape(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, (NG, GROUP // 8)), axis=1)
+            # fp32: nibble j is masked in place, so it reads as 16^p * n (p = j, or j - 3 for j >= 5 after one
+            # shift by 12), and its input is prescaled by 16^-p instead
+            hi = wv >> 12
+            if WORDS == 2:  # the tile's inputs as one vector load, split into the eight strided parts
+                x0, x1, x2, x3, x4, x5, x6, x7 = _eighths(_tile_input(x_ptr, isc_ptr, row, stride_xm, k0, K, 1,
+                                                                      HAS_ISC, MASK_K, BLOCK_K))
+            else:
+                x0, x1, x2, x3, x4, x5, x6, x7 = _strided_inputs(x_ptr, isc_ptr, row, stride_xm, k0, K, HAS_ISC,
+                                                                 MASK_K, BLOCK_K // 8)
+            t = _nibble_at(wv, 0xF) * x0[None, :]
+            t += _nibble_at(wv, 0xF0) * (x1 * 0.0625)[None, :]
+            t += _nibble_at(wv, 0xF00) * (x2 * 0.00390625)[None, :]
+            t += _nibble_at(wv, 0xF000) * (x3 * 0.000244140625)[None, :]
+            t += _nibble_at(wv, 0xF0000) * (x4 * 0.0000152587890625)[None, :]
+            t += _nibble_at(hi, 0xF00) * (x5 * 0.00390625)[None, :]
+            t += _nibble_at(hi, 0xF000) * (x6 * 0.000244140625)[None, :]
+            t += _nibble_at(hi, 0xF0000) * (x7 * 0.0000152587890625)[None, :]
+            d = tl.sum(tl.reshape(t, (BLOCK_N, NG, GROUP // 8)), axis=2)  # [BLOCK_N, NG]
+            xsum = tl.sum(tl.reshape(x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7, (NG, GROUP // 8)), axis=1)
     else:
         x = _tile_input(x_ptr, isc_ptr, row, stride_xm, k0, K, 1, HAS_ISC, MASK_K, BLOCK_K)
         xe, xo = tl.split(tl.reshape(x, (BLOCK_K // 2, 2)))
