@@ -46,8 +46,8 @@ TACTICS: dict[str, Any] = {
     "gemv_max_m": 2,            # int4 rows up to this run one CUDA-core GEMV per row
     "gemv_block_n": 16,         # int4 GEMV tile. H200, synthetic Llama-2-7B engine at batch 1 (ms/step), fp16 pairs:
     "gemv_block_k": 4096,       # 16 x 4096 x 8 warps 2.389, 16 x 2048 x 4 2.482, 32 x 1024 x 4 2.507, 64 x 512 x 4
-    "gemv_num_warps": 8,        # 3.057; fp32 words at 64 x 512 (the last default) 3.299. Why narrow, long tiles win
-                                # is a guess: more programs in more even waves (gate/up: 1,376 against 344)
+    "gemv_num_warps": 8,        # 3.057; fp32 words at 64 x 512 (the last default) 3.299. By the grids, 64-row tiles
+                                # filled under one wave of the SMs (gate/up: 344 programs against 1,376)
     "gemv_num_stages": 1,       # > 1: the K loop pipelined through shared memory (cp.async; as gemv.py's stages)
     "gemv_words": 3,            # packed int4 read as int32 words: 3, in fp16 pairs (HFMA2) on the inputs scaled per
                                 # tile by a power of two; 2 / 1, 8 nibbles masked in place in fp32, the inputs as one
