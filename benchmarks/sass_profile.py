@@ -143,7 +143,6 @@ def kernel_specs() -> dict[str, tuple]:
         "gemv fp8 rows": gemv_spec("*fp8e4nv", "*fp8e4nv", True, half=bool(gt["q8_half"])),
         "gemv fp8 rows, fp32 products": gemv_spec("*fp8e4nv", "*fp8e4nv", True),
         "gemv int8 weights": gemv_spec("*i8", "*bf16", True),
-        "int4 gemv g128": int4_gemv(qt["gemv_words"]),
         "int4 gemv g128, fp32 words": int4_gemv(2),
         "int4 gemv g128, fp16 pairs": int4_gemv(3),
         "int4 mma g128, 16 rows": (qg._qgemm_kernel,

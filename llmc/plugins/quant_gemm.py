@@ -354,6 +354,12 @@ def _pack_f16x2(lo, hi):
 
 
 @triton.jit
+def _lane(wv, SHIFT: tl.constexpr):
+    """The nibble at bit ``SHIFT`` of each word as the fp16 ``n - 8`` (the interpreter's ``_word_dot_f16x2``)."""
+    return (((wv >> SHIFT) & 0xF) - 8).to(tl.float16)
+
+
+@triton.jit
 def _word_dot_f16x2(wv, h0, h1, h2, h3, h4, h5, h6, h7):
     """``sum_j (n_j - 8) h_j`` over the 8 nibbles of each int32 word (``h_j`` fp16 ``[W]``, broadcast over
     rows) on fp16 pairs: nibbles ``j`` and ``j + 4`` become ``n - 8`` in two lanes (exact small integers,
@@ -365,13 +371,10 @@ def _word_dot_f16x2(wv, h0, h1, h2, h3, h4, h5, h6, h7):
                                          [wv, _pack_f16x2(h0, h4)[None, :], _pack_f16x2(h1, h5)[None, :],
                                           _pack_f16x2(h2, h6)[None, :], _pack_f16x2(h3, h7)[None, :]],
                                          dtype=tl.float32, is_pure=True, pack=1)
-    lo = ((((wv & 0xF) - 8).to(tl.float16) * h0[None, :] + (((wv >> 4) & 0xF) - 8).to(tl.float16) * h1[None, :])
-          + (((wv >> 8) & 0xF) - 8).to(tl.float16) * h2[None, :]
-          + (((wv >> 12) & 0xF) - 8).to(tl.float16) * h3[None, :])
-    hi = (((((wv >> 16) & 0xF) - 8).to(tl.float16) * h4[None, :]
-           + (((wv >> 20) & 0xF) - 8).to(tl.float16) * h5[None, :])
-          + (((wv >> 24) & 0xF) - 8).to(tl.float16) * h6[None, :]
-          + (((wv >> 28) & 0xF) - 8).to(tl.float16) * h7[None, :])
+    lo = (_lane(wv, 0) * h0[None, :] + _lane(wv, 4) * h1[None, :] + _lane(wv, 8) * h2[None, :]
+          + _lane(wv, 12) * h3[None, :])
+    hi = (_lane(wv, 16) * h4[None, :] + _lane(wv, 20) * h5[None, :] + _lane(wv, 24) * h6[None, :]
+          + _lane(wv, 28) * h7[None, :])
     return lo.to(tl.float32) + hi.to(tl.float32)
 
 
