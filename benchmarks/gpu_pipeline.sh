@@ -104,9 +104,13 @@ PY
   el "qgemm"
 fi
 [ "${BUILD:-1}" = 1 ] || QUANTS=" "  # BUILD=0: no checkpoint, no engines (kernel benchmarks and tests only)
-if [ "${BUILD:-1}" = 1 ] && [ ! -d /tmp/ck7b ]; then
-  python3 benchmarks/synthetic_ckpt.py llama-2-7b /tmp/ck7b > /dev/null 2>> "$R/err.log"
-  el "checkpoint"
+# SHAPE (default llama-2-7b) picks the synthetic model; other shapes' engines are /tmp/en-SHAPE-QUANT, so a
+# TP_SET entry names them as e.g. llama-3-8b-fp8+kvfp8@512.
+SHAPE=${SHAPE:-llama-2-7b}
+if [ "$SHAPE" = llama-2-7b ]; then CK=/tmp/ck7b; EN=/tmp/en-; else CK=/tmp/ck-$SHAPE; EN=/tmp/en-$SHAPE-; fi
+if [ "${BUILD:-1}" = 1 ] && [ ! -d $CK ]; then
+  python3 benchmarks/synthetic_ckpt.py "$SHAPE" $CK > /dev/null 2>> "$R/err.log"
+  el "checkpoint $SHAPE"
 fi
 for q in ${QUANTS:-none fp8}; do
   case $q in
@@ -116,10 +120,10 @@ for q in ${QUANTS:-none fp8}; do
     *) flags="--quant $q" ;;
   esac
   # shellcheck disable=SC2086
-  [ -f /tmp/en-$q/engine.json ] || timeout 300 python3 -m llmc.cli build /tmp/ck7b -o /tmp/en-$q --device cuda \
-    --max-seq-len 4096 --max-batch-size "${MAXB:-64}" ${NOTUNE---no-tune} $flags > "$R/build-$q.log" 2>&1
+  [ -f $EN$q/engine.json ] || timeout 300 python3 -m llmc.cli build $CK -o $EN$q --device cuda \
+    --max-seq-len 4096 --max-batch-size "${MAXB:-64}" ${NOTUNE---no-tune} $flags > "$R/build-${EN#/tmp/}$q.log" 2>&1
   el "build $q rc=$?"
-  python3 - /tmp/en-$q/engine.json <<'PY' | tee -a "$OUT/summary.txt"
+  python3 - $EN$q/engine.json <<'PY' | tee -a "$OUT/summary.txt"
 import json, sys
 t = json.load(open(sys.argv[1])).get("tactics", {})
 for f in t.get("tuning", {}).get("families", []):
