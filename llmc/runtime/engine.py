@@ -36,7 +36,7 @@ from llmc.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from llmc.runtime.sampler import Sampler, SamplerOutput, SamplingBatch
 from llmc.runtime.sampling_params import SamplingParams
 from llmc.runtime.scheduler import Scheduler, SchedulerOutput
-from llmc.runtime.sequence import Sequence, SequenceStatus
+from llmc.runtime.sequence import FINISHED, Sequence, SequenceStatus
 
 if TYPE_CHECKING:
     from llmc.spec.decoder import SpecConfig
@@ -71,7 +71,12 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return len(self.states) == self.params.n and all(s.seq.is_finished for s in self.states)
+        if len(self.states) != self.params.n:
+            return False
+        for s in self.states:
+            if s.seq.status not in FINISHED:
+                return False
+        return True
 
     def final_output(self) -> RequestOutput:
         outs = []
@@ -411,8 +416,9 @@ class LLMEngine:
         batch = SamplingBatch.from_params(
             params, [s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs], self.vocab_size,
             logits.device, [s.index * 1_000_003 + s.num_generated for s in seqs])
-        banned = [self._banned(s) for s in seqs]
-        batch.banned_token_ids = banned if any(banned) else None
+        if any(p.min_tokens for p in params):
+            banned = [self._banned(s) for s in seqs]
+            batch.banned_token_ids = banned if any(banned) else None
         return self.sampler(logits, batch)
 
     def _apply_samples(self, res: SamplerOutput, seqs: list[Sequence]) -> None:
@@ -456,7 +462,10 @@ class LLMEngine:
         return sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids))
 
     def _seq_state(self, seq: Sequence) -> SeqState:
-        for st in self.requests[seq.request_id].states:
+        states = self.requests[seq.request_id].states
+        if len(states) == 1:  # n == 1
+            return states[0]
+        for st in states:
             if st.seq is seq:
                 return st
         raise KeyError(seq.seq_id)
@@ -512,12 +521,13 @@ class LLMEngine:
                 deltas.append(CompletionOutput(seq.index, text, new_tokens,
                                                st.cumulative_logprob if lps is not None else None, lps,
                                                seq.status.value if finished else None, seq.stop_reason))
-            if req.finished:
+            req_finished = req.finished
+            if req_finished:
                 req.metrics.finished_time = now
                 self.metrics.e2e.observe(now - req.metrics.arrival_time)
                 self._count_finish(req.states[0].seq.status.value)
                 self._drop(rid)
-            results.append(RequestOutput(rid, req.prompt, req.prompt_token_ids, deltas, req.finished, req.metrics,
+            results.append(RequestOutput(rid, req.prompt, req.prompt_token_ids, deltas, req_finished, req.metrics,
                                          delta=True))
         self._update_gauges()
         return results

@@ -174,6 +174,10 @@ class KVCacheManager:
     def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Cover positions up to ``num_computed_tokens + num_new_tokens``, copying shared or cached blocks
         that will be written. All or nothing: returns False, changing nothing, if blocks are short."""
+        if num_new_tokens == 1:  # a decode token: most often it lands in a block this sequence alone writes
+            i, table = seq.num_computed_tokens // self.block_size, seq.block_table
+            if i < len(table) and self.ref[table[i]] == 1 and table[i] not in self._entry:
+                return True
         grow, cow = self._plan(seq, num_new_tokens)
         if grow + len(cow) > self.num_free_blocks:
             self.stats.failed_allocations += 1
@@ -201,6 +205,8 @@ class KVCacheManager:
             return
         n = seq.num_computed_tokens if num_tokens is None else num_tokens
         bs, done = self.block_size, len(seq.block_hashes)
+        if n // bs <= done:  # nothing new is full (the common decode step)
+            return
         nfull = min(min(n, seq.num_known_tokens) // bs, len(seq.block_table))  # pending tokens have no value yet
         if done >= nfull:
             return

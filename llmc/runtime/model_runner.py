@@ -11,6 +11,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -28,10 +29,10 @@ from llmc.runtime.sequence import Sequence
 DEFAULT_CPU_KV_BYTES = 1 << 30  # CPU has no "free memory" notion worth trusting; 1 GiB of cache by default
 
 
-@dataclass
-class ScheduledSeq:
+class ScheduledSeq(NamedTuple):
     """Compute K/V (and hidden states) for ``num_tokens`` tokens of ``seq`` starting at its
-    ``num_computed_tokens``; ``sample`` asks for logits of its last scheduled token."""
+    ``num_computed_tokens``; ``sample`` asks for logits of its last scheduled token. A tuple: one is made per
+    running sequence per step."""
 
     seq: Sequence
     num_tokens: int
@@ -165,8 +166,12 @@ class ModelRunner:
         for item in batch:
             seq, n = item.seq, item.num_tokens
             start = seq.num_computed_tokens
-            ids += seq.token_slice(start, start + n)
-            pos += range(start, start + n)
+            if n == 1:  # a decode token
+                ids.append(seq.token_at(start))
+                pos.append(start)
+            else:
+                ids += seq.token_slice(start, start + n)
+                pos += range(start, start + n)
             q_lens.append(n)
             s_lens.append(start + n)
             tables.append(seq.block_table)

@@ -76,8 +76,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ one step
     def _tokens_wanted(self, seq: Sequence) -> int:
-        want = seq.num_tokens + len(seq.spec_token_ids) - seq.num_computed_tokens
-        if seq.in_prefill:
+        total, done = seq.num_tokens, seq.num_computed_tokens
+        want = total + len(seq.spec_token_ids) - done
+        if done < total - 1:  # in prefill
             want = min(want, self.max_prefill_chunk)
         return want
 

@@ -31,8 +31,11 @@ class SequenceStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
-                        SequenceStatus.FINISHED_ABORTED)
+        return self in FINISHED
+
+
+# A tuple, not a set: membership is by identity in C, where a set would call Enum's Python __hash__.
+FINISHED = (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH, SequenceStatus.FINISHED_ABORTED)
 
 
 @dataclass(eq=False)
@@ -93,7 +96,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status.finished
+        return self.status in FINISHED
 
     @property
     def in_prefill(self) -> bool:
@@ -113,6 +116,17 @@ class Sequence:
         if end > np_ + no:
             out = out + self.spec_token_ids[max(start - np_ - no, 0):end - np_ - no]
         return out
+
+    def token_at(self, i: int) -> int:
+        """``token_slice(i, i + 1)[0]`` without the slicing: a decode step's one input token."""
+        p = self.prompt_token_ids
+        if i < len(p):
+            return p[i]
+        j, o = i - len(p), self.output_token_ids
+        if j < len(o):
+            return o[j]
+        j -= len(o)
+        return PENDING_TOKEN if j < self.num_pending else self.spec_token_ids[j - self.num_pending]
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
