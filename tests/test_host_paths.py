@@ -72,3 +72,69 @@ def test_decode_allocation_fast_path_still_copies_shared_blocks():
     assert kv.allocate_slots(child, 1)
     assert kv.take_pending_copies() == [(table[1], child.block_table[1])]
     kv.check_invariants([seq, child])
+
+
+def _reference_law(logits: torch.Tensor, p: SamplingParams, outs: list[int], banned: list[int]) -> torch.Tensor:
+    """One row's sampling law, written out plainly: presence penalty, bans, temperature, top-k, top-p, min-p."""
+    lg = logits.double().clone()
+    for t in set(outs):
+        lg[t] -= p.presence_penalty
+    lg[banned] = float("-inf")
+    probs = torch.softmax(lg / p.temperature, -1)
+    order = probs.argsort(descending=True).tolist()
+    if p.top_k:
+        for t in order[p.top_k:]:
+            probs[t] = 0
+        probs /= probs.sum()
+    if p.top_p < 1:
+        mass = 0.0
+        for t in order:
+            if mass >= p.top_p:
+                probs[t] = 0
+            mass += float(probs[t])
+        probs /= probs.sum()
+    if p.min_p:
+        probs[probs < p.min_p * probs.max()] = 0
+        probs /= probs.sum()
+    return probs.float()
+
+
+def test_sampler_draws_follow_the_exact_distribution_and_leave_logits_alone():
+    """Each row's draws (top-k, top-p, min-p, temperature, greedy, a presence penalty, min_tokens bans, mixed
+    in one batch) follow the law written out by ``_reference_law`` (chi-square, p = 0.001), and the caller's
+    logits are never written: the sampler reads graph-owned logits in place when nothing needs changing."""
+    from llmc.runtime.sampler import Sampler, SamplingBatch
+    from tests.test_spec import _chi2
+
+    crit = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}  # chi-square at p = 0.001, by degrees of freedom
+    torch.manual_seed(0)
+    V, copies, outs = 6, 3000, [1, 4]
+    base = torch.randn(V) * 1.5
+    kinds = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=3),
+             SamplingParams(temperature=1.0, top_p=0.7), SamplingParams(temperature=1.3, min_p=0.2),
+             SamplingParams(temperature=1.0, presence_penalty=1.5), SamplingParams(temperature=0)]
+    for case in ("plain", "penalty", "bans"):  # plain: nothing to apply, so the sampler reads the logits in place
+        rows = [k for k in kinds if case == "penalty" or not k.presence_penalty]
+        bans = [[2] if case == "bans" and i % 2 == 0 else [] for i in range(len(rows))]  # token 2 stands for EOS
+        params = [p for p in rows for _ in range(copies)]
+        logits = base.repeat(len(params), 1)
+        before = logits.clone()
+        b = SamplingBatch.from_params(params, [[0]] * len(params), [outs] * len(params), V, "cpu",
+                                      [0] * len(params))
+        if any(bans):
+            b.banned_token_ids = [bans[i // copies] for i in range(len(params))]
+        tokens = Sampler()(logits, b).token_ids
+        assert torch.equal(logits, before), case
+        for k, p in enumerate(rows):
+            drawn = tokens[k * copies:(k + 1) * copies]
+            if p.temperature == 0:
+                lg = base.clone()
+                lg[bans[k]] = float("-inf")
+                assert (drawn == int(lg.argmax())).all(), case
+                continue
+            law = _reference_law(base, p, outs if p.presence_penalty else [], bans[k])
+            counts = torch.bincount(drawn, minlength=V).float()
+            assert counts[law == 0].sum() == 0, f"{case}, row kind {k} drew a token its law excludes"
+            df = int((law > 0).sum()) - 1
+            if df:
+                assert _chi2(counts, law) < crit[df], f"{case}, row kind {k}: {counts.tolist()} vs {law.tolist()}"

@@ -92,8 +92,12 @@ class SamplerOutput:
 
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     """Repetition (HF/vLLM: divide positive, multiply negative logits of seen tokens), then OpenAI
-    presence/frequency on output counts. Returns a new float32 tensor."""
-    logits = logits.float().clone()
+    presence/frequency on output counts. Returns float32 logits, a new tensor when anything applies; callers
+    only read it, so plain batches skip a [rows, vocab] copy (0.5 GB at 1,024 rows of a 128k vocabulary)."""
+    logits = logits.float()
+    if b.output_counts is None and not b.banned_token_ids:
+        return logits
+    logits = logits.clone()
     if b.output_counts is not None:
         seen = b.prompt_mask | (b.output_counts > 0)
         rp = b.repetition_penalty[:, None]
@@ -112,8 +116,10 @@ def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return logits
 
 
-def filtered_probs(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
-    """Sampling distribution of every row after temperature, top-k, top-p and min-p (one sort per batch)."""
+def filtered_probs(logits: torch.Tensor, b: SamplingBatch, normalize: bool = True) -> torch.Tensor:
+    """Sampling distribution of every row after temperature, top-k, top-p and min-p (one sort per batch).
+    ``normalize=False`` leaves each row's scale (min-p may have dropped mass): enough for the sampler's
+    argmax of p / E, which no per-row factor changes."""
     temp = torch.where(b.temperature > 0, b.temperature, torch.ones_like(b.temperature))
     probs = torch.softmax(logits / temp[:, None], dim=-1)
     V = probs.shape[-1]
@@ -129,7 +135,7 @@ def filtered_probs(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     if b.need_min_p:
         thresh = probs.max(-1, keepdim=True).values * b.min_p[:, None]
         probs = probs.masked_fill(probs < thresh, 0.0)
-    return probs / probs.sum(-1, keepdim=True)
+    return probs / probs.sum(-1, keepdim=True) if normalize else probs
 
 
 def probs_for(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
@@ -156,13 +162,12 @@ def exponential_noise(shape: tuple[int, int], generators: list[torch.Generator |
 class Sampler:
     def __call__(self, logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
         logits = apply_penalties(logits, b)
-        greedy_tokens = logits.argmax(-1)
         if b.all_greedy:
-            tokens = greedy_tokens
+            tokens = logits.argmax(-1)
         else:
-            probs = filtered_probs(logits, b)
+            probs = filtered_probs(logits, b, normalize=False)
             sampled = (probs / exponential_noise(tuple(probs.shape), b.generators, probs.device)).argmax(-1)
-            tokens = sampled if b.all_random else torch.where(b.temperature == 0, greedy_tokens, sampled)
+            tokens = sampled if b.all_random else torch.where(b.temperature == 0, logits.argmax(-1), sampled)
         if b.max_num_logprobs is None:
             return SamplerOutput(tokens, None, None, None)
         logprobs = torch.log_softmax(logits, dim=-1)
