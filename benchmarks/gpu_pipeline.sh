@@ -8,7 +8,8 @@
 #   3. decode ms/token (DL_SET names, below): batch 1 and 64, pipelined or synchronous, fused or unfused ops,
 #      with the device-busy time per step (torch profiler) so host gaps show; HF transformers eager at batch 1.
 #   4. `llmc bench throughput` (TP_SET entries ENGINE[+kvfp8]@BATCH[:INxOUT[:N]], e.g. fp8@64 or
-#      fp8+kvfp8@256:2048x2048:128 (+kvfp8: --kv-cache-dtype fp8 at load); default 128x128 and 512 requests);
+#      fp8+kvfp8@256:2048x2048:128 (+kvfp8: --kv-cache-dtype fp8 at load; +ne: --scheduler-policy
+#      guaranteed_no_evict); default 128x128 and 512 requests);
 #      HF generate_batch (HF_SET entries INxOUT:N).
 #   5. attention kernels alone (KBENCH_SET: ';'-separated argument lists of benchmarks/kernels.py, e.g.
 #      "--quick --decode-only --sweep --kv-dtype fp8 --decode-shapes 64x256,256x256"), after the tests.
@@ -247,12 +248,18 @@ declare -A DLARGS=(
 tp() {  # tp ENGINE@BATCH[:INxOUT[:N]] [extra llmc bench flags]
   spec=$1; shift
   eng=${spec%%@*}; rest=${spec#*@}; batch=${rest%%:*}
-  kvflag=""; case $eng in *+kvfp8) eng=${eng%+kvfp8}; kvflag="--kv-cache-dtype fp8" ;; esac
+  kvflag=""; neflag=""
+  for _ in 1 2; do  # suffixes, either order: +kvfp8 (fp8 KV cache at load), +ne (guaranteed_no_evict admission)
+    case $eng in
+      *+kvfp8) eng=${eng%+kvfp8}; kvflag="--kv-cache-dtype fp8" ;;
+      *+ne) eng=${eng%+ne}; neflag="--scheduler-policy guaranteed_no_evict" ;;
+    esac
+  done
   lens=128x128; n=${N:-512}
   case $rest in *:*) lens=${rest#*:}; case $lens in *:*) n=${lens#*:}; lens=${lens%%:*} ;; esac ;; esac
-  name="${eng}${kvflag:+_kvfp8}_b${batch}_${lens}${1:+_sync}"
+  name="${eng}${kvflag:+_kvfp8}${neflag:+_ne}_b${batch}_${lens}${1:+_sync}"
   timeout "${TP_TIMEOUT:-200}" python3 -m llmc.cli bench throughput "/tmp/en-$eng" -n "$n" --input-len "${lens%x*}" \
-    --output-len "${lens#*x}" --device cuda --gpu-memory-utilization 0.9 --max-batch-size "$batch" $kvflag "$@" \
+    --output-len "${lens#*x}" --device cuda --gpu-memory-utilization 0.9 --max-batch-size "$batch" $kvflag $neflag "$@" \
     -o "$R/tp_$name.json" > /dev/null 2>> "$R/err.log"
   python3 - "$R/tp_$name.json" <<'PY' | tee -a "$OUT/summary.txt"
 import json, sys

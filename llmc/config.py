@@ -23,6 +23,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DTYPES = ("float32", "float16", "bfloat16")
 QUANT_METHODS = ("none", "int8", "int4", "int4-awq", "fp8", "w8a8")
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")
+# Scheduler admission policies (llmc.runtime.scheduler), named as TensorRT-LLM names them.
+SCHEDULER_POLICIES = ("max_utilization", "guaranteed_no_evict")
 
 
 def _from_dict(cls, data: dict[str, Any], what: str):

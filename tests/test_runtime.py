@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmc import LLM, SamplingParams
+from llmc.errors import ConfigError
 from llmc.runtime.engine import LLMEngine
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -61,6 +62,32 @@ def test_preemption_under_small_pool(tiny_engine_dir):
     assert small.metrics.num_preemptions > 0, "pool was not small enough to force preemption"
     assert got == want
     assert_all_free(small)
+
+
+def test_guaranteed_no_evict_never_preempts(tiny_engine_dir):
+    """The same tight pool as above: admitting only what can run to max_tokens preempts nothing, gives the
+    same tokens, still runs several requests at once, and leaks nothing; n = 2 samples are reserved for too."""
+    prompts = rand_prompts(12, seed=1, lo=20, hi=60)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    want = run_all(LLMEngine(tiny_engine_dir, show_progress=False), prompts, params)
+    eng = LLMEngine(tiny_engine_dir, show_progress=False, num_kv_blocks=17, scheduler_policy="guaranteed_no_evict")
+    peak = 0
+    reqs = [eng.add_request(prompt_token_ids=p, params=params) for p in prompts]
+    while eng.has_unfinished_requests():
+        eng.step()
+        peak = max(peak, eng.scheduler.num_running)
+    assert [r.final_output().outputs[0].token_ids for r in reqs] == want
+    assert eng.metrics.num_preemptions == 0 and peak >= 2
+    assert_all_free(eng)
+    pair = SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=40, ignore_eos=True)
+    reqs = [eng.add_request(prompt_token_ids=p, params=pair) for p in prompts[:6]]
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.metrics.num_preemptions == 0
+    assert all(len(o.token_ids) == 40 for r in reqs for o in r.final_output().outputs)
+    assert_all_free(eng)
+    with pytest.raises(ConfigError, match="scheduler-policy"):
+        LLMEngine(tiny_engine_dir, show_progress=False, scheduler_policy="fifo")
 
 
 def test_prefix_cache_computes_only_new_tokens(smol_engine):

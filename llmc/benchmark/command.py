@@ -12,7 +12,7 @@ import sys
 import click
 
 from llmc.clitools import user_errors
-from llmc.config import KV_CACHE_DTYPES
+from llmc.config import KV_CACHE_DTYPES, SCHEDULER_POLICIES
 from llmc.errors import ConfigError
 
 
@@ -64,19 +64,22 @@ def engine_options(fn):
                      help="Pipeline steps: schedule step N+1 while the GPU runs step N (default: on for one GPU)."),
         click.option("--kv-cache-dtype", type=click.Choice(list(KV_CACHE_DTYPES)), default=None,
                      help="Override the engine's KV cache format (default: as built)."),
+        click.option("--scheduler-policy", type=click.Choice(list(SCHEDULER_POLICIES)), default="max_utilization",
+                     show_default=True, help="guaranteed_no_evict admits a request only when its whole length "
+                                             "fits, so nothing is preempted (TensorRT-LLM's default)."),
         click.option("--temperature", type=float, default=1.0, show_default=True,
                      help="Sampling temperature (outputs always run to their length: ignore_eos)."),
     ])
 
 
 def _engine_opts(device, dtype, max_batch_size, gpu_memory_utilization, num_kv_blocks, prefix_caching,
-                 async_scheduling, kv_cache_dtype):
+                 async_scheduling, kv_cache_dtype, scheduler_policy):
     from llmc.benchmark.offline import EngineOptions
 
     if not 0 < gpu_memory_utilization <= 1:
         raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
     return EngineOptions(device, dtype, max_batch_size, gpu_memory_utilization, num_kv_blocks, prefix_caching,
-                         async_scheduling, kv_cache_dtype)
+                         async_scheduling, kv_cache_dtype, scheduler_policy)
 
 
 def _workload(num_requests, input_len, output_len, input_len_range, output_len_range, dataset, vocab_size, seed):
@@ -117,12 +120,12 @@ def bench() -> None:
 @_user_errors
 def throughput(engine, num_requests, input_len, output_len, input_len_range, output_len_range, dataset, device,
                dtype, max_batch_size, gpu_memory_utilization, num_kv_blocks, prefix_caching, async_scheduling,
-               kv_cache_dtype, temperature, warmup, output, plot, seed, detail):
+               kv_cache_dtype, scheduler_policy, temperature, warmup, output, plot, seed, detail):
     """Offline throughput: every request submitted at once (ignore_eos), tokens/s to the last one."""
     from llmc.benchmark import offline
 
     opts = _engine_opts(device, dtype, max_batch_size, gpu_memory_utilization, num_kv_blocks, prefix_caching,
-                        async_scheduling, kv_cache_dtype)
+                        async_scheduling, kv_cache_dtype, scheduler_policy)
     eng, startup = offline.load(engine, opts)
     reqs = _workload(num_requests, input_len, output_len, input_len_range, output_len_range, dataset,
                      eng.vocab_size, seed)
@@ -164,13 +167,13 @@ def throughput(engine, num_requests, input_len, output_len, input_len_range, out
 @report_options
 @_user_errors
 def latency(engine, batch_size, input_len, output_len, iters, warmup_iters, device, dtype, max_batch_size,
-            gpu_memory_utilization, num_kv_blocks, prefix_caching, async_scheduling, kv_cache_dtype, temperature, output,
-            plot, seed, detail):
+            gpu_memory_utilization, num_kv_blocks, prefix_caching, async_scheduling, kv_cache_dtype, scheduler_policy,
+            temperature, output, plot, seed, detail):
     """Latency of one batch: TTFT and time per output token at --batch-size, repeated --iters times."""
     from llmc.benchmark import offline
 
     opts = _engine_opts(device, dtype, max_batch_size, gpu_memory_utilization, num_kv_blocks, prefix_caching,
-                        async_scheduling, kv_cache_dtype)
+                        async_scheduling, kv_cache_dtype, scheduler_policy)
     out = offline.latency(engine, batch_size, input_len, output_len, iters, warmup_iters, opts,
                           temperature=temperature, seed=seed, detail=True)
     out["config"] = {"engine": engine, "batch_size": batch_size, "input_len": input_len, "output_len": output_len,

@@ -31,12 +31,14 @@ class EngineOptions:
     enable_prefix_caching: bool = True
     async_scheduling: bool | None = None  # None: the engine's default (on for one GPU)
     kv_cache_dtype: str | None = None  # None: the engine's
+    scheduler_policy: str = "max_utilization"
 
     def kwargs(self) -> dict:
         return {"device": self.device, "dtype": self.dtype, "max_batch_size": self.max_batch_size,
                 "gpu_memory_utilization": self.gpu_memory_utilization, "num_kv_blocks": self.num_kv_blocks,
                 "enable_prefix_caching": self.enable_prefix_caching, "show_progress": False,
-                "async_scheduling": self.async_scheduling, "kv_cache_dtype": self.kv_cache_dtype}
+                "async_scheduling": self.async_scheduling, "kv_cache_dtype": self.kv_cache_dtype,
+                "scheduler_policy": self.scheduler_policy}
 
 
 @dataclass
@@ -147,7 +149,7 @@ def engine_info(engine, startup_s: float) -> dict:
     return {"device": str(r.device), "dtype": str(r.dtype).replace("torch.", ""),
             "max_batch_size": engine.max_batch_size, "max_num_tokens": engine.max_num_tokens,
             "max_seq_len": engine.max_seq_len, "num_kv_blocks": r.num_kv_blocks, "block_size": r.block_size,
-            "async_scheduling": engine.async_scheduling, "kv_cache_dtype": str(r.kv_dtype).replace("torch.", ""),
+            "async_scheduling": engine.async_scheduling, "scheduler_policy": engine.scheduler.policy, "kv_cache_dtype": str(r.kv_dtype).replace("torch.", ""),
             "kv_cache_tokens": r.num_kv_blocks * r.block_size, "startup_s": startup_s,
             "graph_capture_s": getattr(r, "graph_capture_seconds", 0.0),
             "model": {"type": engine.engine.model.model_type, "layers": engine.engine.model.num_hidden_layers,

@@ -35,7 +35,7 @@ from llmc.runtime.model_runner import ModelRunner, ScheduledSeq, TokenFeed
 from llmc.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
 from llmc.runtime.sampler import Sampler, SamplerOutput, SamplingBatch
 from llmc.runtime.sampling_params import SamplingParams
-from llmc.runtime.scheduler import Scheduler, SchedulerOutput
+from llmc.runtime.scheduler import POLICIES, Scheduler, SchedulerOutput
 from llmc.runtime.sequence import FINISHED, Sequence, SequenceStatus
 
 if TYPE_CHECKING:
@@ -127,10 +127,11 @@ class LLMEngine:
                  gpu_memory_utilization: float = 0.9, kv_cache_bytes: int | None = None,
                  show_progress: bool = True, cuda_graph_batch_sizes: list[int] | None = None,
                  speculative: "SpecConfig | None" = None, async_scheduling: bool | None = None,
-                 kv_cache_dtype: str | None = None):
+                 kv_cache_dtype: str | None = None, scheduler_policy: str = "max_utilization"):
         """``async_scheduling``: pipeline steps (module docstring); default on for one GPU, off on the CPU
         (nothing to overlap there) and under tensor parallelism. ``kv_cache_dtype`` (auto / fp8 / int8)
-        overrides the engine's: the cache's format is a memory choice, not part of the weights."""
+        overrides the engine's: the cache's format is a memory choice, not part of the weights.
+        ``scheduler_policy``: ``max_utilization`` or ``guaranteed_no_evict`` (``runtime.scheduler``)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.engine = load_engine(engine_dir, device)
         if kv_cache_dtype is not None and kv_cache_dtype != self.engine.build.kv_cache_dtype:
@@ -151,7 +152,9 @@ class LLMEngine:
             self.runner = ModelRunner(self.engine, device, dtype, num_kv_blocks, gpu_memory_utilization,
                                       kv_cache_bytes, show_progress, cuda_graph_batch_sizes)
         self.kv = KVCacheManager(self.runner.num_kv_blocks, b.block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, self.max_num_tokens, self.max_batch_size)
+        if scheduler_policy not in POLICIES:
+            raise ConfigError(f"--scheduler-policy must be one of {', '.join(POLICIES)}, got {scheduler_policy!r}")
+        self.scheduler = Scheduler(self.kv, self.max_num_tokens, self.max_batch_size, policy=scheduler_policy)
         self.sampler = Sampler()
         self.tokenizer = self._load_tokenizer()
         self.eos_token_ids = set(self.engine.model.eos_token_id)

@@ -7,11 +7,19 @@ to waiting sequences, FCFS within a priority. A long prompt therefore prefills i
 keep flowing. When blocks run out, the lowest-priority, newest running sequence is preempted: its blocks
 are freed and it is recomputed later (its full blocks usually survive in the prefix cache). No new
 sequence is admitted in a step that had to preempt, which rules out admit/preempt ping-pong.
+
+Admission policy (TensorRT-LLM's two, by their names): ``max_utilization`` (the default, vLLM's) admits a
+request when its next chunk fits and preempts later if decodes run out of blocks; ``guaranteed_no_evict``
+admits it only when the blocks for its whole length (prompt + max_tokens, for each of its n samples) fit
+beside what the running sequences may still grow to, so nothing is ever preempted and recomputed. The second
+wins when outputs run to max_tokens (benchmarks at max load, long generations); the first packs more
+sequences when most stop early.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llmc.config import SCHEDULER_POLICIES as POLICIES
 from llmc.runtime.kv_cache import KVCacheManager
 from llmc.runtime.model_runner import ScheduledSeq
 from llmc.runtime.sequence import Sequence, SequenceStatus
@@ -19,6 +27,7 @@ from llmc.runtime.sequence import Sequence, SequenceStatus
 
 def _order(seq: Sequence) -> tuple:
     return (seq.priority, seq.arrival_time, seq.seq_id)
+
 
 
 @dataclass
@@ -37,7 +46,10 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_tokens: int, max_batch_size: int,
-                 max_prefill_chunk: int | None = None):
+                 max_prefill_chunk: int | None = None, policy: str = "max_utilization"):
+        if policy not in POLICIES:
+            raise ValueError(f"scheduler policy must be one of {POLICIES}, got {policy!r}")
+        self.policy = policy
         self.kv = kv
         self.max_num_tokens = max_num_tokens
         self.max_batch_size = max_batch_size
@@ -82,6 +94,15 @@ class Scheduler:
             want = min(want, self.max_prefill_chunk)
         return want
 
+    def _blocks_to_finish(self, seq: Sequence) -> int:
+        """Blocks ``seq`` may still take before it finishes: its whole length (prompt + max_tokens) less what it
+        holds. Until a request with n samples forks (at its first token), the other samples' outputs, after the
+        prompt they will share, count too."""
+        bs, n = self.kv.block_size, seq.params.n if seq.index == 0 and seq.num_generated == 0 else 1
+        prompt, out = len(seq.prompt_token_ids), seq.params.max_tokens or 0
+        whole = -(-(prompt + out) // bs) + (n - 1) * (-(-out // bs) + 1)
+        return max(0, whole - len(seq.block_table))
+
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq)
         seq.num_computed_tokens = 0
@@ -124,8 +145,12 @@ class Scheduler:
         if out.preempted:
             return out
         self.waiting.sort(key=_order)
+        no_evict = self.policy == "guaranteed_no_evict" and self.waiting
+        reserved = sum(self._blocks_to_finish(s) for s in self.running) if no_evict else 0
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
+            if no_evict and reserved + self._blocks_to_finish(seq) > self.kv.num_free_blocks:
+                break
             if not seq.block_table and seq.num_computed_tokens == 0:
                 cached = self.kv.get_computed_blocks(seq)
                 seq.num_computed_tokens = cached
@@ -137,6 +162,8 @@ class Scheduler:
                 seq.num_computed_tokens = 0
                 break
             self.waiting.pop(0)
+            if no_evict:
+                reserved += self._blocks_to_finish(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(self._item(seq, n))

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from llmc.clitools import user_errors
-from llmc.config import KV_CACHE_DTYPES
+from llmc.config import KV_CACHE_DTYPES, SCHEDULER_POLICIES
 from llmc.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -80,12 +80,15 @@ def parse_size(text: str | None) -> int | None:
               help="Pipeline steps: schedule step N+1 while the GPU runs step N (default: on for one GPU).")
 @click.option("--kv-cache-dtype", type=click.Choice(list(KV_CACHE_DTYPES)), default=None,
               help="Override the engine's KV cache format (default: as built).")
+@click.option("--scheduler-policy", type=click.Choice(list(SCHEDULER_POLICIES)), default="max_utilization",
+              show_default=True, help="guaranteed_no_evict admits a request only when its whole length (prompt + "
+                                      "max_tokens) fits, so none is ever preempted.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 @user_errors
 def serve(engine, host, port, api_key, served_model_name, max_queued_requests, device, num_kv_blocks,
           kv_cache_memory, gpu_memory_utilization, grace_period, max_body_bytes, speculative, draft_engine,
-          num_speculative_tokens, async_scheduling, kv_cache_dtype, log_level):
+          num_speculative_tokens, async_scheduling, kv_cache_dtype, scheduler_policy, log_level):
     """Serve ENGINE (default: the bundled SmolLM2-135M) with an OpenAI-compatible API."""
     import uvicorn
 
@@ -106,7 +109,8 @@ def serve(engine, host, port, api_key, served_model_name, max_queued_requests, d
     core = LLMEngine(engine, device=device, num_kv_blocks=num_kv_blocks, kv_cache_bytes=kv_bytes,
                      gpu_memory_utilization=gpu_memory_utilization,
                      speculative=spec_config(speculative, draft_engine, num_speculative_tokens),
-                     async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype)
+                     async_scheduling=async_scheduling, kv_cache_dtype=kv_cache_dtype,
+                     scheduler_policy=scheduler_policy)
     async_engine = AsyncLLMEngine(core, max_queued_requests)
     app = build_app(async_engine, name, api_key, max_body_bytes, grace_period)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
