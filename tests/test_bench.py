@@ -149,6 +149,39 @@ def test_throughput_sampled_lengths_dataset_and_preemption(tiny_factory, tmp_pat
     assert e["prefix_cache_hit_rate"] > 0 and isinstance(e["num_preemptions"], int)
 
 
+def test_throughput_guaranteed_no_evict_preempts_nothing(tiny_factory, tmp_path):
+    """The same tight pool (256 KV tokens for 10 requests of ~60): admitting only whole requests that fit
+    preempts nothing and still produces every token; the policy is reported."""
+    _, eng = tiny_factory("llama-gqa")
+    out = tmp_path / "ne.json"
+    res = run_bench("throughput", eng, "-n", 10, "--input-len", 40, "--output-len", 20, "--device", "cpu",
+                    "--warmup", 0, "--num-kv-blocks", 16, "--no-prefix-caching",
+                    "--scheduler-policy", "guaranteed_no_evict", "-o", out)
+    assert res.exit_code == 0, res.output
+    doc = read_json(out)
+    assert doc["results"]["output_tokens"] == 200 and doc["engine"]["num_preemptions"] == 0
+    assert doc["engine"]["scheduler_policy"] == "guaranteed_no_evict" and doc["engine"]["peak_running"] >= 2
+    res = run_bench("throughput", eng, "-n", 10, "--input-len", 40, "--output-len", 20, "--device", "cpu",
+                    "--warmup", 0, "--num-kv-blocks", 16, "--no-prefix-caching", "-o", out)
+    assert res.exit_code == 0 and read_json(out)["engine"]["num_preemptions"] > 0  # the pool is tight enough
+
+
+def test_host_overhead_benchmark_runs(tiny_factory):
+    """benchmarks/host_overhead.py (model forward removed) runs on the CPU and reports every batch size."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, eng = tiny_factory("llama-gqa")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "benchmarks/host_overhead.py", str(eng), "--batch", "4,16", "--steps", "3",
+                        "--prompt-len", "20"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout)["rows"]
+    assert [x["batch"] for x in rows] == [4, 16] and [x["running"] for x in rows] == [4, 16]
+    assert all(x["host_ms_per_step"] > 0 for x in rows)
+
+
 def test_throughput_rejects_oversized_requests(tiny_factory):
     _, eng = tiny_factory("llama-gqa")
     res = run_bench("throughput", eng, "-n", 2, "--input-len", 250, "--output-len", 50, "--device", "cpu")

@@ -145,7 +145,7 @@ class Scheduler:
         if out.preempted:
             return out
         self.waiting.sort(key=_order)
-        no_evict = self.policy == "guaranteed_no_evict" and self.waiting
+        no_evict = self.policy == "guaranteed_no_evict" and bool(self.waiting)
         reserved = sum(self._blocks_to_finish(s) for s in self.running) if no_evict else 0
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
