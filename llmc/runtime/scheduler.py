@@ -145,12 +145,18 @@ class Scheduler:
         if out.preempted:
             return out
         self.waiting.sort(key=_order)
-        no_evict = self.policy == "guaranteed_no_evict" and bool(self.waiting)
-        reserved = sum(self._blocks_to_finish(s) for s in self.running) if no_evict else 0
+        no_evict = self.policy == "guaranteed_no_evict"
+        reserved = None  # blocks the running sequences may still take; summed only when a request could fit
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            if no_evict and reserved + self._blocks_to_finish(seq) > self.kv.num_free_blocks:
-                break
+            if no_evict:
+                need = self._blocks_to_finish(seq)
+                if need > self.kv.num_free_blocks:
+                    break
+                if reserved is None:
+                    reserved = sum(self._blocks_to_finish(s) for s in self.running)
+                if reserved + need > self.kv.num_free_blocks:
+                    break
             if not seq.block_table and seq.num_computed_tokens == 0:
                 cached = self.kv.get_computed_blocks(seq)
                 seq.num_computed_tokens = cached
