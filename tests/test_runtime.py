@@ -86,6 +86,15 @@ def test_guaranteed_no_evict_never_preempts(tiny_engine_dir):
     assert eng.metrics.num_preemptions == 0
     assert all(len(o.token_ids) == 40 for r in reqs for o in r.final_output().outputs)
     assert_all_free(eng)
+    # A request whose n samples can never all fit is still admitted when nothing else runs (no deadlock).
+    big = eng.add_request(prompt_token_ids=prompts[0], params=SamplingParams(n=4, temperature=0.8, seed=5,
+                                                                             max_tokens=150, ignore_eos=True))
+    for _ in range(3000):
+        if not eng.has_unfinished_requests():
+            break
+        eng.step()
+    assert [len(o.token_ids) for o in big.final_output().outputs] == [150] * 4
+    assert_all_free(eng)
     with pytest.raises(ConfigError, match="scheduler-policy"):
         LLMEngine(tiny_engine_dir, show_progress=False, scheduler_policy="fifo")
 

@@ -149,7 +149,7 @@ class Scheduler:
         reserved = None  # blocks the running sequences may still take; summed only when a request could fit
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            if no_evict:
+            if no_evict and self.running:  # alone, a request is admitted even if its n samples cannot all fit
                 need = self._blocks_to_finish(seq)
                 if need > self.kv.num_free_blocks:
                     break
@@ -168,7 +168,7 @@ class Scheduler:
                 seq.num_computed_tokens = 0
                 break
             self.waiting.pop(0)
-            if no_evict:
+            if reserved is not None:
                 reserved += self._blocks_to_finish(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
