@@ -36,12 +36,15 @@ def host_step_ms(engine_dir: str, batch: int, steps: int, prompt_len: int, devic
     eng = LLMEngine(engine_dir, device=device, num_kv_blocks=blocks, max_batch_size=batch, show_progress=False,
                     cuda_graph_batch_sizes=[])
     runner, vocab = eng.runner, eng.vocab_size
+    zeros: dict[int, torch.Tensor] = {}  # one logits buffer per row count, as a graph's static output
 
     def forward_without_model(lists, logit_rows=None, feed=None):
         ids, pos, q_lens, s_lens, tables, sample_rows = lists
         rows = sample_rows if logit_rows is None else logit_rows
         AttentionMetadata.build_with(q_lens, s_lens, tables, runner.block_size, runner.device, ids, pos, rows)
-        return torch.zeros(len(rows), vocab, device=runner.device)
+        if len(rows) not in zeros:
+            zeros[len(rows)] = torch.zeros(len(rows), vocab, device=runner.device)
+        return zeros[len(rows)]
 
     runner.forward_lists = forward_without_model
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=temperature)

@@ -1,6 +1,7 @@
 """The per-step host fast paths (decode tokens, typed-array uploads) give exactly what the general paths give."""
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -138,3 +139,34 @@ def test_sampler_draws_follow_the_exact_distribution_and_leave_logits_alone():
             df = int((law > 0).sum()) - 1
             if df:
                 assert _chi2(counts, law) < crit[df], f"{case}, row kind {k}: {counts.tolist()} vs {law.tolist()}"
+
+
+def test_fast_detokenizer_equals_the_wrapper(smol_engine):
+    """The Rust decode the detokenizer calls directly gives the wrapper's text: random id windows (special
+    tokens included, both skip settings), and whole incremental streams with multi-byte characters."""
+    from transformers import AutoTokenizer
+
+    from llmc.runtime.detokenizer import IncrementalDetokenizer, fast_decoder
+
+    tok = AutoTokenizer.from_pretrained(str(smol_engine / "tokenizer"))
+    backend = fast_decoder(tok)
+    assert backend is not None, f"{type(tok).__name__} should take the fast path"
+    rng = random.Random(0)
+    specials = tok.all_special_ids
+    for _ in range(300):
+        ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(len(tok)) for _ in range(rng.randint(1, 8))]
+        for skip in (True, False):
+            assert backend.decode(ids, skip_special_tokens=skip) == tok.decode(
+                ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False), ids
+    ids = tok.encode("Über naïve café, 東京タワー 🚀🚀 x = 42; " * 6)
+    for i in range(3, len(ids), 11):  # special tokens inside the streams, so the skip setting matters
+        ids[i] = specials[i % len(specials)]
+    for start, skip in itertools.product(range(0, len(ids) - 40, 7), (True, False)):
+        fast = IncrementalDetokenizer(tok, ids[start:start + 5], stop=["🚀 x"], skip_special_tokens=skip)
+        slow = IncrementalDetokenizer(tok, ids[start:start + 5], stop=["🚀 x"], skip_special_tokens=skip)
+        slow.backend = None
+        for t in ids[start + 5:start + 40]:
+            fast.add(t)
+            slow.add(t)
+            assert (fast.text, fast.stopped_by, fast.take_delta(False)) == (slow.text, slow.stopped_by,
+                                                                            slow.take_delta(False))

@@ -10,10 +10,32 @@ from __future__ import annotations
 _CONTEXT_TOKENS = 6
 
 
+def _defined_in(cls: type, name: str) -> type | None:
+    return next((c for c in cls.__mro__ if name in c.__dict__), None)
+
+
+def fast_decoder(tokenizer):
+    """The Rust ``tokenizers.Tokenizer`` behind a Hugging Face fast tokenizer whose ``decode`` is exactly that
+    tokenizer's decode (with ``clean_up_tokenization_spaces=False``), else None. Calling it directly skips the
+    Python wrapper, which took 3.4 of 4.4 us per call (two calls per generated token)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not getattr(tokenizer, "is_fast", False):
+        return None
+    cls = type(tokenizer)
+    base = _defined_in(cls, "_decode")
+    if base is None or base.__name__ not in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return None  # a tokenizer class with its own decoding
+    wrapper = _defined_in(cls, "decode")
+    if wrapper is None or wrapper.__name__ not in ("PreTrainedTokenizerBase", base.__name__):
+        return None
+    return backend
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_token_ids: list[int], stop: list[str], skip_special_tokens: bool = True,
                  include_stop: bool = False):
         self.tokenizer = tokenizer
+        self.backend = fast_decoder(tokenizer)
         self.skip_special = skip_special_tokens
         self.ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
@@ -26,6 +48,8 @@ class IncrementalDetokenizer:
         self.stopped_by: str | None = None
 
     def _decode(self, ids: list[int]) -> str:
+        if self.backend is not None:
+            return self.backend.decode(ids, skip_special_tokens=self.skip_special)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special,
                                      clean_up_tokenization_spaces=False)
 
