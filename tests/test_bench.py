@@ -182,6 +182,20 @@ def test_host_overhead_benchmark_runs(tiny_factory):
     assert all(x["host_ms_per_step"] > 0 for x in rows)
 
 
+def test_detokenize_benchmark_runs(smol_engine):
+    """benchmarks/detokenize.py reports a per-token time for a real tokenizer, through the fast path."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "benchmarks/detokenize.py", str(smol_engine / "tokenizer"), "--streams", "2",
+                        "--tokens", "20"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    doc = json.loads(r.stdout)
+    assert doc["tokens"] == 40 and doc["us_per_token"] > 0 and doc["fast_path"] is True
+
+
 def test_throughput_rejects_oversized_requests(tiny_factory):
     _, eng = tiny_factory("llama-gqa")
     res = run_bench("throughput", eng, "-n", 2, "--input-len", 250, "--output-len", 50, "--device", "cpu")
