@@ -44,8 +44,9 @@ def main() -> None:
             d.take_delta(False)
             n += 1
     dt = time.perf_counter() - t0
-    print(json.dumps({"tokenizer": a.tokenizer, "class": type(tok).__name__, "fast_path": fast_decoder(tok) is not None,
-                      "tokens": n, "us_per_token": round(dt / n * 1e6, 2)}, indent=1))
+    print(json.dumps({"tokenizer": a.tokenizer, "class": type(tok).__name__,
+                      "fast_path": fast_decoder(tok) is not None, "tokens": n,
+                      "us_per_token": round(dt / n * 1e6, 2)}, indent=1))
 
 
 if __name__ == "__main__":

@@ -78,10 +78,12 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="0 (greedy) keeps the sampler's tensor work, device work on a GPU, small on a CPU")
     a = ap.parse_args()
-    rows = [host_step_ms(a.engine, int(b), a.steps, a.prompt_len, a.device, a.temperature) for b in a.batch.split(",")]
+    rows = [host_step_ms(a.engine, int(b), a.steps, a.prompt_len, a.device, a.temperature)
+            for b in a.batch.split(",")]
     print(json.dumps({"what": "host time per decode step, model forward removed", "engine": a.engine,
-                      "device": a.device, "python": platform.python_version(), "cpu": platform.processor() or
-                      platform.machine(), "prompt_len": a.prompt_len, "temperature": a.temperature, "rows": rows}, indent=1))
+                      "device": a.device, "python": platform.python_version(),
+                      "cpu": platform.processor() or platform.machine(), "prompt_len": a.prompt_len,
+                      "temperature": a.temperature, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

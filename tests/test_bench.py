@@ -166,33 +166,29 @@ def test_throughput_guaranteed_no_evict_preempts_nothing(tiny_factory, tmp_path)
     assert res.exit_code == 0 and read_json(out)["engine"]["num_preemptions"] > 0  # the pool is tight enough
 
 
-def test_host_overhead_benchmark_runs(tiny_factory):
-    """benchmarks/host_overhead.py (model forward removed) runs on the CPU and reports every batch size."""
+def run_script(script: str, *args) -> dict:
+    """Run a benchmarks/ script from the repository root; its JSON output."""
     import subprocess
     import sys
     from pathlib import Path
 
-    _, eng = tiny_factory("llama-gqa")
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "benchmarks/host_overhead.py", str(eng), "--batch", "4,16", "--steps", "3",
-                        "--prompt-len", "20"], cwd=root, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, f"benchmarks/{script}", *map(str, args)], cwd=Path(__file__).parents[1],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = json.loads(r.stdout)["rows"]
+    return json.loads(r.stdout)
+
+
+def test_host_overhead_benchmark_runs(tiny_factory):
+    """benchmarks/host_overhead.py (model forward removed) runs on the CPU and reports every batch size."""
+    _, eng = tiny_factory("llama-gqa")
+    rows = run_script("host_overhead.py", eng, "--batch", "4,16", "--steps", 3, "--prompt-len", 20)["rows"]
     assert [x["batch"] for x in rows] == [4, 16] and [x["running"] for x in rows] == [4, 16]
     assert all(x["host_ms_per_step"] > 0 for x in rows)
 
 
 def test_detokenize_benchmark_runs(smol_engine):
     """benchmarks/detokenize.py reports a per-token time for a real tokenizer, through the fast path."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "benchmarks/detokenize.py", str(smol_engine / "tokenizer"), "--streams", "2",
-                        "--tokens", "20"], cwd=root, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    doc = json.loads(r.stdout)
+    doc = run_script("detokenize.py", smol_engine / "tokenizer", "--streams", 2, "--tokens", 20)
     assert doc["tokens"] == 40 and doc["us_per_token"] > 0 and doc["fast_path"] is True
 
 

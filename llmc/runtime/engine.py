@@ -35,8 +35,8 @@ from llmc.runtime.model_runner import ModelRunner, ScheduledSeq, TokenFeed
 from llmc.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
 from llmc.runtime.sampler import Sampler, SamplerOutput, SamplingBatch
 from llmc.runtime.sampling_params import SamplingParams
-from llmc.runtime.scheduler import POLICIES, Scheduler, SchedulerOutput
-from llmc.runtime.sequence import FINISHED, Sequence, SequenceStatus
+from llmc.runtime.scheduler import Scheduler, SchedulerOutput
+from llmc.runtime.sequence import Sequence, SequenceStatus
 
 if TYPE_CHECKING:
     from llmc.spec.decoder import SpecConfig
@@ -73,8 +73,8 @@ class Request:
     def finished(self) -> bool:
         if len(self.states) != self.params.n:
             return False
-        for s in self.states:
-            if s.seq.status not in FINISHED:
+        for s in self.states:  # a loop, not all(genexpr): this runs once per output of every step
+            if not s.seq.is_finished:
                 return False
         return True
 
@@ -152,8 +152,6 @@ class LLMEngine:
             self.runner = ModelRunner(self.engine, device, dtype, num_kv_blocks, gpu_memory_utilization,
                                       kv_cache_bytes, show_progress, cuda_graph_batch_sizes)
         self.kv = KVCacheManager(self.runner.num_kv_blocks, b.block_size, enable_prefix_caching)
-        if scheduler_policy not in POLICIES:
-            raise ConfigError(f"--scheduler-policy must be one of {', '.join(POLICIES)}, got {scheduler_policy!r}")
         self.scheduler = Scheduler(self.kv, self.max_num_tokens, self.max_batch_size, policy=scheduler_policy)
         self.sampler = Sampler()
         self.tokenizer = self._load_tokenizer()

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llmc.config import SCHEDULER_POLICIES as POLICIES
+from llmc.errors import ConfigError
 from llmc.runtime.kv_cache import KVCacheManager
 from llmc.runtime.model_runner import ScheduledSeq
 from llmc.runtime.sequence import Sequence, SequenceStatus
@@ -27,7 +28,6 @@ from llmc.runtime.sequence import Sequence, SequenceStatus
 
 def _order(seq: Sequence) -> tuple:
     return (seq.priority, seq.arrival_time, seq.seq_id)
-
 
 
 @dataclass
@@ -48,7 +48,7 @@ class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_tokens: int, max_batch_size: int,
                  max_prefill_chunk: int | None = None, policy: str = "max_utilization"):
         if policy not in POLICIES:
-            raise ValueError(f"scheduler policy must be one of {POLICIES}, got {policy!r}")
+            raise ConfigError(f"--scheduler-policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.policy = policy
         self.kv = kv
         self.max_num_tokens = max_num_tokens
@@ -88,9 +88,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ one step
     def _tokens_wanted(self, seq: Sequence) -> int:
-        total, done = seq.num_tokens, seq.num_computed_tokens
-        want = total + len(seq.spec_token_ids) - done
-        if done < total - 1:  # in prefill
+        want = seq.num_tokens + len(seq.spec_token_ids) - seq.num_computed_tokens
+        if seq.in_prefill:
             want = min(want, self.max_prefill_chunk)
         return want
 
