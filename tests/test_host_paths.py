@@ -154,7 +154,8 @@ def test_fast_detokenizer_equals_the_wrapper(smol_engine):
     rng = random.Random(0)
     specials = tok.all_special_ids
     for _ in range(300):
-        ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(len(tok)) for _ in range(rng.randint(1, 8))]
+        ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(len(tok))
+               for _ in range(rng.randint(1, 8))]
         for skip in (True, False):
             assert backend.decode(ids, skip_special_tokens=skip) == tok.decode(
                 ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False), ids
